@@ -51,6 +51,7 @@ def read_base_info(path: str | Path) -> BaseInfo:
 
     Raises:
         BaseLoadError: no config.json / tokenizer there.
+
     """
     from transformers import AutoConfig
 
@@ -184,7 +185,8 @@ class Base:
 
     def logits(self, hidden: torch.Tensor, *, softcap: bool = False) -> torch.Tensor:
         """LM head on final-normed hidden states, float32; `softcap` applies the model's
-        final-logit soft-capping (Gemma 2) where it has one."""
+        final-logit soft-capping (Gemma 2) where it has one.
+        """
         logits = self.lm_head(hidden).float()
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if softcap and cap:
@@ -262,6 +264,7 @@ def load_base(
 
     Raises:
         BaseLoadError: the directory is not a loadable causal LM, or `dtype` is unknown.
+
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 

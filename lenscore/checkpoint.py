@@ -88,6 +88,7 @@ def read_checkpoint(path: str | Path, *, mmap: bool = True) -> RawCheckpoint:
         CheckpointMissing: no such file, or a directory without checkpoint files.
         CheckpointCorrupt: the file (or, for a directory, every file) is unreadable.
         CheckpointRefused: the file needs pickled globals outside the allow-list.
+
     """
     path = Path(path)
     if path.is_file():

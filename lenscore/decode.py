@@ -95,6 +95,7 @@ def decode(
 
     Returns:
         Token ids, [B, t_text] int64 on the base's device.
+
     """
     base = lens.base
     slots = project(lens, acts)  # [P, B, d]

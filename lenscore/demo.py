@@ -1,7 +1,8 @@
-"""Build the demo tree: tiny random base models, a donor and lens checkpoints in the trainer's format.
+"""Build the demo tree: tiny random bases, a donor and lens checkpoints in the trainer's format.
 
-Feeds tests, `make run` and the benches; nothing on the serving path imports it. About 350 lines:
-the base builders and the checkpoint writer share the recipe table, so they stay together.
+Feeds tests, `make run` and the benches; nothing on the serving path imports it. Over 500 lines
+after formatting: the base builders and the checkpoint writer share one recipe table, and most of
+the length is that table and the trainer's config layout.
 """
 
 from __future__ import annotations
@@ -47,11 +48,23 @@ class _TokenizerSpec:
 
 _TOKENIZERS = {
     "qwen2": _TokenizerSpec(
-        ("<|endoftext|>",), ("<|pad|>",), 500, "<|endoftext|>", "<|endoftext|>", "<|pad|>", None,
+        ("<|endoftext|>",),
+        ("<|pad|>",),
+        500,
+        "<|endoftext|>",
+        "<|endoftext|>",
+        "<|pad|>",
+        None,
         _QWEN2_CHAT_TEMPLATE,
     ),
     "gemma2": _TokenizerSpec(
-        ("<pad>", "<eos>", "<bos>", "<unk>"), (), 520, "<bos>", "<eos>", "<pad>", "<unk>",
+        ("<pad>", "<eos>", "<bos>", "<unk>"),
+        (),
+        520,
+        "<bos>",
+        "<eos>",
+        "<pad>",
+        "<unk>",
         _GEMMA2_CHAT_TEMPLATE,
     ),
 }
@@ -77,7 +90,9 @@ _QWEN2_PROMPT = (
 )
 _GEMMA2_PROMPT = "<bos>Short explanation of <embed>. Language, topic, sentiment, claims, speaker:"
 _SOFT_PLAIN = "Summary of the text:<text>"
-_SOFT_POSTFIX = "The following explanation describes the hidden state of the model:<text> That is all."
+_SOFT_POSTFIX = (
+    "The following explanation describes the hidden state of the model:<text> That is all."
+)
 
 
 @dataclass(frozen=True)
@@ -101,30 +116,86 @@ class _LensRecipe:
     higher_step_older: bool = False  # the highest step gets the oldest mtime
 
 
+# The lens ids and their shapes are fixed by the contract: groups and tests name them.
 _LENSES = (
-    _LensRecipe("qwen2-tiny-l1", "qwen2-tiny", 1, 4, 11, _QWEN2_PROMPT, True, steps=((5, 1), (10, 2))),
-    _LensRecipe("qwen2-tiny-l2-first2", "qwen2-tiny", 2, 5, 12, _QWEN2_PROMPT, 2, compiled=True),
     _LensRecipe(
-        "qwen2-tiny-l0-single", "qwen2-tiny", 0, 4, 13,
-        "<|endoftext|>Explain <embed> in a few words:", True, per_layer_projections=False,
-        soft_prompt_init_text=_SOFT_POSTFIX, add_current_token=False,
-        special_last_token_vector=False, steps=((5, 1), (10, 1)),
+        lens_id="qwen2-tiny-l1",
+        base_id="qwen2-tiny",
+        layer=1,
+        t_text=4,
+        seed=11,
+        decoder_prompt=_QWEN2_PROMPT,
+        patch_all_layers=True,
+        steps=((5, 1), (10, 2)),
     ),
     _LensRecipe(
-        "qwen2-tiny-l1-donor", "qwen2-tiny", 1, 4, 14, _QWEN2_PROMPT, True,
-        special_last_token_vector=False, donor_id="qwen2-tiny-donor",
+        lens_id="qwen2-tiny-l2-first2",
+        base_id="qwen2-tiny",
+        layer=2,
+        t_text=5,
+        seed=12,
+        decoder_prompt=_QWEN2_PROMPT,
+        patch_all_layers=2,
+        compiled=True,
     ),
     _LensRecipe(
-        "gemma2-tiny-l1", "gemma2-tiny", 1, 5, 21, _GEMMA2_PROMPT, True,
-        soft_prompt_init_text=_SOFT_POSTFIX, steps=((5, 1), (10, 2)), higher_step_older=True,
+        lens_id="qwen2-tiny-l0-single",
+        base_id="qwen2-tiny",
+        layer=0,
+        t_text=4,
+        seed=13,
+        decoder_prompt="<|endoftext|>Explain <embed> in a few words:",
+        patch_all_layers=True,
+        per_layer_projections=False,
+        soft_prompt_init_text=_SOFT_POSTFIX,
+        add_current_token=False,
+        special_last_token_vector=False,
+        steps=((5, 1), (10, 1)),
     ),
     _LensRecipe(
-        "gemma2-tiny-l2-input", "gemma2-tiny", 2, 4, 22, _GEMMA2_PROMPT, "just_input",
-        new_decoder=True, output_layer=-1,
+        lens_id="qwen2-tiny-l1-donor",
+        base_id="qwen2-tiny",
+        layer=1,
+        t_text=4,
+        seed=14,
+        decoder_prompt=_QWEN2_PROMPT,
+        patch_all_layers=True,
+        special_last_token_vector=False,
+        donor_id="qwen2-tiny-donor",
     ),
     _LensRecipe(
-        "gemma2-tiny-l0-first1", "gemma2-tiny", 0, 5, 23, "<bos>The hidden state <embed> means:",
-        1, new_decoder=True, special_last_token_vector=False,
+        lens_id="gemma2-tiny-l1",
+        base_id="gemma2-tiny",
+        layer=1,
+        t_text=5,
+        seed=21,
+        decoder_prompt=_GEMMA2_PROMPT,
+        patch_all_layers=True,
+        soft_prompt_init_text=_SOFT_POSTFIX,
+        steps=((5, 1), (10, 2)),
+        higher_step_older=True,
+    ),
+    _LensRecipe(
+        lens_id="gemma2-tiny-l2-input",
+        base_id="gemma2-tiny",
+        layer=2,
+        t_text=4,
+        seed=22,
+        decoder_prompt=_GEMMA2_PROMPT,
+        patch_all_layers="just_input",
+        new_decoder=True,
+        output_layer=-1,
+    ),
+    _LensRecipe(
+        lens_id="gemma2-tiny-l0-first1",
+        base_id="gemma2-tiny",
+        layer=0,
+        t_text=5,
+        seed=23,
+        decoder_prompt="<bos>The hidden state <embed> means:",
+        patch_all_layers=1,
+        new_decoder=True,
+        special_last_token_vector=False,
     ),
 )
 
@@ -138,13 +209,19 @@ def make_demo(out_dir: Path, *, hidden_size: int = 64, n_layers: int = 3) -> dic
     Args:
         out_dir: created if missing; the demo's own subfolders are rewritten.
         hidden_size: d of every base (64 for the demo).
-        n_layers: decoder blocks of every base (3 for the demo; must be > 2).
+        n_layers: decoder blocks of every base (3 for the demo; at least 3).
 
     Returns:
         The manifest dict, also written to `out_dir/manifest.json` (paths relative to it).
+
+    Raises:
+        ValueError: `n_layers` below 3.
+
     """
     from transformers import AutoTokenizer
 
+    if n_layers < 3:
+        raise ValueError(f"n_layers must be >= 3 (the demo has a layer-2 lens), got {n_layers}")
     out_dir = Path(out_dir)
     manifest: dict[str, Any] = {"bases": {}, "donors": {}, "lenses": {}}
     tokenizers = {family: train_tokenizer(family) for family in _TOKENIZERS}
@@ -153,8 +230,12 @@ def make_demo(out_dir: Path, *, hidden_size: int = 64, n_layers: int = 3) -> dic
     for recipe in _BASES:
         rel = f"{recipe.kind}/{recipe.base_id}"
         model = write_base(
-            out_dir / rel, recipe.family, tokenizers[recipe.family], seed=recipe.seed,
-            hidden_size=hidden_size, n_layers=n_layers,
+            out_dir / rel,
+            recipe.family,
+            tokenizers[recipe.family],
+            seed=recipe.seed,
+            hidden_size=hidden_size,
+            n_layers=n_layers,
         )
         manifest[recipe.kind][recipe.base_id] = rel
         if recipe.kind == "bases":
@@ -166,8 +247,11 @@ def make_demo(out_dir: Path, *, hidden_size: int = 64, n_layers: int = 3) -> dic
             out_dir / rel, lens, hf_tokenizers[lens.base_id], embeddings[lens.base_id], n_layers
         )
         manifest["lenses"][lens.lens_id] = {
-            "base": lens.base_id, "donor": lens.donor_id, "layer": lens.layer,
-            "t_text": lens.t_text, "checkpoint": rel,
+            "base": lens.base_id,
+            "donor": lens.donor_id,
+            "layer": lens.layer,
+            "t_text": lens.t_text,
+            "checkpoint": rel,
         }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -209,8 +293,12 @@ def _write_tokenizer(out: Path, family: str, tok) -> None:
     specials = spec.bpe_specials + spec.extra_specials
     added = {
         str(tok.token_to_id(s)): {
-            "content": s, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": True,
+            "content": s,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
         }
         for s in specials
     }
@@ -218,9 +306,13 @@ def _write_tokenizer(out: Path, family: str, tok) -> None:
     if spec.unk is not None:
         named["unk_token"] = spec.unk
     config = {
-        "added_tokens_decoder": added, **named, "chat_template": spec.chat_template,
-        "clean_up_tokenization_spaces": False, "extra_special_tokens": {},
-        "model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": added,
+        **named,
+        "chat_template": spec.chat_template,
+        "clean_up_tokenization_spaces": False,
+        "extra_special_tokens": {},
+        "model_max_length": 4096,
+        "tokenizer_class": "PreTrainedTokenizerFast",
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(named, indent=2) + "\n")
@@ -231,11 +323,19 @@ def _model_config(family: str, tok, hidden_size: int, n_layers: int):
     spec = _TOKENIZERS[family]
     n_heads = max(4, hidden_size // 64)
     common = dict(
-        vocab_size=tok.get_vocab_size(), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads // 2,
-        max_position_embeddings=512, initializer_range=0.2, rms_norm_eps=1e-6,
-        bos_token_id=tok.token_to_id(spec.bos), eos_token_id=tok.token_to_id(spec.eos),
-        pad_token_id=tok.token_to_id(spec.pad), tie_word_embeddings=True,
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_heads // 2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        rms_norm_eps=1e-6,
+        bos_token_id=tok.token_to_id(spec.bos),
+        eos_token_id=tok.token_to_id(spec.eos),
+        pad_token_id=tok.token_to_id(spec.pad),
+        tie_word_embeddings=True,
     )
     if family == "qwen2":
         from transformers import Qwen2Config
@@ -245,9 +345,14 @@ def _model_config(family: str, tok, hidden_size: int, n_layers: int):
 
     head_dim = hidden_size // n_heads
     return Gemma2Config(
-        **common, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=16,
-        attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-        hidden_activation="gelu_pytorch_tanh", attn_implementation="eager",
+        **common,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        sliding_window=16,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        hidden_activation="gelu_pytorch_tanh",
+        attn_implementation="eager",
     )
 
 
@@ -290,26 +395,44 @@ def _lens_config(lens: _LensRecipe, n_layers: int) -> dict:
     """Return the full nested trainer config for `lens`, unknown extra keys included."""
     base_rel = f"bases/{lens.base_id}"
     config = {
-        "run_name": f"demo_{lens.lens_id}", "model_name": base_rel, "tokenizer_name": base_rel,
-        "layer_l": lens.layer, "t_text": lens.t_text, "model_dtype": "float32",
-        "decoder_prompt": lens.decoder_prompt, "encoder_prompt": lens.soft_prompt_init_text,
+        "run_name": f"demo_{lens.lens_id}",
+        "model_name": base_rel,
+        "tokenizer_name": base_rel,
+        "layer_l": lens.layer,
+        "t_text": lens.t_text,
+        "model_dtype": "float32",
+        "decoder_prompt": lens.decoder_prompt,
+        "encoder_prompt": lens.soft_prompt_init_text,
         "gumbel_tau_schedule": {"type": "constant", "value": 0.5, "end_value": 0.5},
         "trainable_components": {
             "decoder": {
-                "base_model": False, "detach_after_each_sample": False, "embedding_head": False,
-                "end_to_end": True, "eye_init": True, "output_head": False,
-                "new_decoder": lens.new_decoder, "patch_all_layers": lens.patch_all_layers,
-                "per_layer_projections": lens.per_layer_projections, "projection_layer": True,
-                "trainable_prompts": True, "use_dropout": False, "use_kv_cache": True,
+                "base_model": False,
+                "detach_after_each_sample": False,
+                "embedding_head": False,
+                "end_to_end": True,
+                "eye_init": True,
+                "output_head": False,
+                "new_decoder": lens.new_decoder,
+                "patch_all_layers": lens.patch_all_layers,
+                "per_layer_projections": lens.per_layer_projections,
+                "projection_layer": True,
+                "trainable_prompts": True,
+                "use_dropout": False,
+                "use_kv_cache": True,
             },
             "encoder": {
-                "add_current_token": lens.add_current_token, "base_model": False,
-                "embedding_head": False, "eye_init": True,
+                "add_current_token": lens.add_current_token,
+                "base_model": False,
+                "embedding_head": False,
+                "eye_init": True,
                 "output_layer": lens.layer if lens.output_layer is None else lens.output_layer,
-                "pos_embeddings": False, "projection_layer": True,
+                "pos_embeddings": False,
+                "projection_layer": True,
                 "soft_prompt_init_text": lens.soft_prompt_init_text,
                 "special_last_token_vector": lens.special_last_token_vector,
-                "trainable_soft_prompt": True, "use_base_model": True, "use_dropout": False,
+                "trainable_soft_prompt": True,
+                "use_base_model": True,
+                "use_dropout": False,
                 "use_projection_layer": True,
             },
         },
@@ -381,9 +504,17 @@ def _optimizer_state(params: list[torch.Tensor], step: int, gen: torch.Generator
         for i, p in enumerate(floats)
     }
     group = {
-        "params": list(range(len(floats))), "lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8,
-        "weight_decay": 0.0, "amsgrad": False, "maximize": False, "foreach": None,
-        "capturable": False, "differentiable": False, "fused": None,
+        "params": list(range(len(floats))),
+        "lr": 1e-4,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "amsgrad": False,
+        "maximize": False,
+        "foreach": None,
+        "capturable": False,
+        "differentiable": False,
+        "fused": None,
     }
     return {"state": state, "param_groups": [group]}
 

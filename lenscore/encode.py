@@ -19,6 +19,7 @@ def encoder_embeds(
 
     Returns:
         [B, S + t + S2 (+1), d] in the base's dtype.
+
     """
     base, tensors, cfg = lens.base, lens.tensors, lens.config
     scale = base.embed_scale

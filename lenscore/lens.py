@@ -114,6 +114,7 @@ def load_lens(
     Raises:
         CheckpointMissing, CheckpointCorrupt, CheckpointRefused: from `read_checkpoint`.
         IncompatibleLens: every problem with `base` / `donor`, in `detail["problems"]`.
+
     """
     started = time.perf_counter()
     raw = raw if raw is not None else read_checkpoint(checkpoint)

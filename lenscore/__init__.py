@@ -1,0 +1,55 @@
+"""lenscore: load trainer lens checkpoints on a shared base and compute what they explain.
+
+torch + transformers only (no Ray, FastAPI or pydantic). The public surface is `__all__`;
+DESIGN.md §Layout says where it sits.
+"""
+
+from lenscore.analyze import analyze, generate
+from lenscore.base import Base, BaseInfo, load_base, read_base_info
+from lenscore.checkpoint import RawCheckpoint, read_checkpoint
+from lenscore.compat import LensConfig, check_compat
+from lenscore.errors import (
+    BadInput,
+    Cancelled,
+    CheckpointCorrupt,
+    CheckpointMissing,
+    CheckpointRefused,
+    IncompatibleLens,
+    LensError,
+    OutOfDeviceMemory,
+    TextTooLong,
+)
+from lenscore.lens import Lens, load_lens
+from lenscore.options import AnalysisOptions
+
+
+def make_demo(out_dir, **kwargs):  # noqa: ANN001, ANN201, D103
+    from lenscore.demo import make_demo as _make_demo
+
+    return _make_demo(out_dir, **kwargs)
+
+
+__all__ = [
+    "AnalysisOptions",
+    "BadInput",
+    "Base",
+    "BaseInfo",
+    "Cancelled",
+    "CheckpointCorrupt",
+    "CheckpointMissing",
+    "CheckpointRefused",
+    "IncompatibleLens",
+    "Lens",
+    "LensConfig",
+    "LensError",
+    "OutOfDeviceMemory",
+    "TextTooLong",
+    "analyze",
+    "check_compat",
+    "generate",
+    "load_base",
+    "load_lens",
+    "make_demo",
+    "read_base_info",
+    "read_checkpoint",
+]

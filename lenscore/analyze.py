@@ -1,0 +1,255 @@
+"""Per-token analysis and plain generation: the top of lenscore's data path.
+
+`analyze` reads the activation at every requested position once, then decodes, encodes and
+scores positions batch by batch (LENS_FORMAT.md §Metrics per position, §Result row).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from lenscore.decode import choose_tokens, decode
+from lenscore.encode import encode
+from lenscore.errors import BadInput, Cancelled, OutOfDeviceMemory
+from lenscore.inputs import Tokens, tokenize_input
+from lenscore.lens import Lens
+from lenscore.options import AnalysisOptions
+from lenscore.scores import kl_at_positions, logit_lens_top, mse_of, salience
+
+DEFAULT_BATCH_SIZE = 32
+
+
+def select_positions(tokens: Tokens, options: AnalysisOptions) -> list[int]:
+    """Positions to analyse: all, the explicit list, or the last n messages' tokens.
+
+    Raises:
+        BadInput: a requested position is beyond the input.
+
+    """
+    total = len(tokens.ids)
+    if options.positions is not None:
+        bad = [p for p in options.positions if p >= total]
+        if bad:
+            raise BadInput(f"positions {bad} are beyond the input's {total} tokens")
+        return sorted(set(options.positions))
+    if options.last_n_messages is not None:
+        starts = tokens.message_starts
+        first = starts[max(len(starts) - options.last_n_messages, 0)]
+        return list(range(first, total))
+    return list(range(total))
+
+
+def row_generators(
+    seed: int, positions: Sequence[int], samples: int, device: torch.device
+) -> list[torch.Generator]:
+    """One generator per (position, sample): draws never depend on the batch layout."""
+    gens = []
+    for position in positions:
+        for sample in range(samples):
+            mixed = (seed * 1_000_003 + position * 10_007 + sample) % (2**63)
+            gens.append(torch.Generator(device=device).manual_seed(mixed))
+    return gens
+
+
+def analyze(
+    lens: Lens,
+    *,
+    text: str | None = None,
+    messages: list[dict[str, Any]] | None = None,
+    options: AnalysisOptions | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Explain every requested token of `text` / `messages` with `lens`.
+
+    Returns:
+        `{"meta": {...}, "rows": [...]}` as LENS_FORMAT.md §Result row says.
+
+    Raises:
+        BadInput: bad input or options. Cancelled: `should_stop()` said so between batches.
+        OutOfDeviceMemory: an allocation failed on the device.
+
+    """
+    options = options or AnalysisOptions()
+    options.validate()
+    started = time.perf_counter()
+    tokens = tokenize_input(lens.base.tokenizer, text, messages)
+    positions = select_positions(tokens, options)
+    seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(7), "big")
+    batch_size = options.batch_size or DEFAULT_BATCH_SIZE
+    resolved = AnalysisOptions(**{**options.to_dict(), "seed": seed, "batch_size": batch_size,
+                                  "positions": options.positions})
+    ids = torch.tensor([tokens.ids], device=lens.activation_model.device)  # [1, T]
+    try:
+        with torch.no_grad():
+            acts = lens.activation_model.capture(ids, lens.config.layer_l)[0]  # [T, d]
+            read_at = time.perf_counter()
+            rows = _analyze_batches(lens, ids, acts, positions, resolved, on_progress,
+                                    should_stop)
+    except torch.OutOfMemoryError as exc:
+        raise OutOfDeviceMemory(
+            f"out of device memory analysing {len(positions)} positions with lens "
+            f"{lens.lens_id} (batch size {batch_size}): retry with a smaller batch_size",
+            {"batch_size": batch_size},
+        ) from exc
+    finished = time.perf_counter()
+    meta = {
+        "lens_id": lens.lens_id,
+        "layer": lens.config.layer_l,
+        "t_text": lens.config.t_text,
+        "base_model": str(lens.base.path),
+        "donor": str(lens.donor.path) if lens.donor is not None else None,
+        "checkpoint": str(lens.checkpoint_path),
+        "n_tokens": len(tokens.ids),
+        "options": resolved.to_dict(),
+        "timings": {
+            "activations_seconds": round(read_at - started, 6),
+            "analysis_seconds": round(finished - read_at, 6),
+            "total_seconds": round(finished - started, 6),
+        },
+    }
+    return {"meta": meta, "rows": rows}
+
+
+def _analyze_batches(
+    lens: Lens,
+    ids: torch.Tensor,
+    acts: torch.Tensor,
+    positions: list[int],
+    options: AnalysisOptions,
+    on_progress: Callable[[int, int], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    size = options.batch_size or DEFAULT_BATCH_SIZE
+    for first in range(0, len(positions), size):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"analysis with lens {lens.lens_id} cancelled by the caller")
+        chunk = positions[first : first + size]
+        rows += analyze_positions(lens, ids, acts, chunk, options)
+        if on_progress is not None:
+            on_progress(len(rows), len(positions))
+    return rows
+
+
+def _explain(
+    lens: Lens, acts: torch.Tensor, current: torch.Tensor, positions: list[int],
+    options: AnalysisOptions,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explanation ids [B, t] and their mse [B]; best-of-k keeps the lowest-mse sample."""
+    k = options.best_of_k
+    device = lens.base.device
+    if k == 1:
+        gens = None
+        if options.temperature > 0:
+            gens = row_generators(options.seed or 0, positions, 1, device)
+        expl = decode(lens, acts, temperature=options.temperature, generators=gens)
+        return expl, mse_of(acts, encode(lens, expl, current))
+    gens = row_generators(options.seed or 0, positions, k, device)
+    many = decode(lens, acts.repeat_interleave(k, 0), temperature=options.sample_temperature,
+                  generators=gens)  # [B*k, t]
+    errors = mse_of(acts.repeat_interleave(k, 0), encode(lens, many, current.repeat_interleave(k)))
+    best = errors.view(-1, k).argmin(dim=1)  # [B]
+    pick = torch.arange(len(positions), device=best.device) * k + best
+    return many[pick], errors[pick]
+
+
+def analyze_positions(
+    lens: Lens, ids: torch.Tensor, acts: torch.Tensor, positions: list[int],
+    options: AnalysisOptions,
+) -> list[dict[str, Any]]:
+    """Result rows for one batch of positions."""
+    index = torch.tensor(positions, device=acts.device)
+    batch_acts = acts[index]  # [B, d]
+    current = ids[0, index].to(lens.base.device)  # [B]
+    expl, mse = _explain(lens, batch_acts, current, positions, options)
+    norm = batch_acts.float().pow(2).mean(dim=-1).sqrt()
+    rel = mse.sqrt().cpu() / norm.cpu()
+    sal = salience(lens, batch_acts, expl, current, mse, options.batch_size or DEFAULT_BATCH_SIZE) \
+        if options.calculate_salience else None
+    tops = logit_lens_top(lens, batch_acts) if options.logit_lens else None
+    kls = kl_at_positions(lens, ids, positions, batch_acts, current, expl) if options.kl else None
+    return [
+        _row(lens, positions[i], int(current[i]), expl[i].tolist(), float(mse[i]),
+             float(rel[i]), None if sal is None else sal[i],
+             None if tops is None else tops[i], None if kls is None else kls[i])
+        for i in range(len(positions))
+    ]
+
+
+def _row(
+    lens: Lens, position: int, token_id: int, expl_ids: list[int], mse: float, rel: float,
+    sal: list[float] | None, top: list[dict[str, Any]] | None, kl: float | None,
+) -> dict[str, Any]:
+    tok = lens.base.tokenizer
+    token = tok.decode([token_id], skip_special_tokens=False)
+    explanation = tok.decode(expl_ids, skip_special_tokens=False)
+    if lens.config.add_current_token:
+        explanation += f"[{token}]"
+    row: dict[str, Any] = {
+        "position": position,
+        "token": token,
+        "token_id": token_id,
+        "explanation": explanation,
+        "explanation_tokens": [tok.decode([i], skip_special_tokens=False) for i in expl_ids],
+        "explanation_token_ids": expl_ids,
+        "mse": mse,
+        "relative_rmse": rel,
+        "token_salience": sal,
+    }
+    if top is not None:
+        row["logit_lens_top"] = top
+    if kl is not None:
+        row["kl"] = kl
+    return row
+
+
+def generate(
+    lens: Lens,
+    *,
+    text: str | None = None,
+    messages: list[dict[str, Any]] | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    num_continuations: int = 1,
+) -> dict[str, Any]:
+    """Sample continuations from the lens's activation model (donor if any, else base).
+
+    Raises:
+        BadInput: bad input or bounds (max_new_tokens 1..1024, temperature 0..2,
+            num_continuations 1..16).
+
+    """
+    if not (isinstance(max_new_tokens, int) and 1 <= max_new_tokens <= 1024):
+        raise BadInput("max_new_tokens must be an integer within 1..1024")
+    if not (isinstance(num_continuations, int) and 1 <= num_continuations <= 16):
+        raise BadInput("num_continuations must be an integer within 1..16")
+    AnalysisOptions(temperature=temperature, seed=seed).validate()
+    model = lens.activation_model
+    tokens = tokenize_input(model.tokenizer, text, messages)
+    seed = seed if seed is not None else int.from_bytes(os.urandom(7), "big")
+    started = time.perf_counter()
+    ids = torch.tensor([tokens.ids] * num_continuations, device=model.device)
+    gens = row_generators(seed, range(num_continuations), 1, model.device)
+    out = []
+    with torch.no_grad():
+        hidden, cache = model.run_inner(ids, use_cache=True)
+        for step in range(max_new_tokens):
+            logits = model.logits(hidden[:, -1], softcap=True)
+            chosen = choose_tokens(logits, temperature, gens)  # [N]
+            out.append(chosen)
+            if step + 1 < max_new_tokens:
+                hidden, cache = model.run_inner(chosen[:, None], cache=cache, use_cache=True)
+    new_ids = torch.stack(out, dim=1).tolist()
+    conts = [{"text": model.tokenizer.decode(row, skip_special_tokens=False), "token_ids": row}
+             for row in new_ids]
+    meta = {"lens_id": lens.lens_id, "model": str(model.path), "seed": seed,
+            "temperature": temperature, "max_new_tokens": max_new_tokens,
+            "timings": {"total_seconds": round(time.perf_counter() - started, 6)}}
+    return {"meta": meta, "continuations": conts}
