@@ -43,6 +43,7 @@ __all__ = [
     "LensConfig",
     "LensError",
     "OutOfDeviceMemory",
+    "RawCheckpoint",
     "TextTooLong",
     "analyze",
     "check_compat",

@@ -82,15 +82,20 @@ def analyze(
     positions = select_positions(tokens, options)
     seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(7), "big")
     batch_size = options.batch_size or DEFAULT_BATCH_SIZE
-    resolved = AnalysisOptions(**{**options.to_dict(), "seed": seed, "batch_size": batch_size,
-                                  "positions": options.positions})
+    resolved = AnalysisOptions(
+        **{
+            **options.to_dict(),
+            "seed": seed,
+            "batch_size": batch_size,
+            "positions": options.positions,
+        }
+    )
     ids = torch.tensor([tokens.ids], device=lens.activation_model.device)  # [1, T]
     try:
         with torch.no_grad():
             acts = lens.activation_model.capture(ids, lens.config.layer_l)[0]  # [T, d]
             read_at = time.perf_counter()
-            rows = _analyze_batches(lens, ids, acts, positions, resolved, on_progress,
-                                    should_stop)
+            rows = _analyze_batches(lens, ids, acts, positions, resolved, on_progress, should_stop)
     except torch.OutOfMemoryError as exc:
         raise OutOfDeviceMemory(
             f"out of device memory analysing {len(positions)} positions with lens "
@@ -138,7 +143,10 @@ def _analyze_batches(
 
 
 def _explain(
-    lens: Lens, acts: torch.Tensor, current: torch.Tensor, positions: list[int],
+    lens: Lens,
+    acts: torch.Tensor,
+    current: torch.Tensor,
+    positions: list[int],
     options: AnalysisOptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Explanation ids [B, t] and their mse [B]; best-of-k keeps the lowest-mse sample."""
@@ -151,8 +159,9 @@ def _explain(
         expl = decode(lens, acts, temperature=options.temperature, generators=gens)
         return expl, mse_of(acts, encode(lens, expl, current))
     gens = row_generators(options.seed or 0, positions, k, device)
-    many = decode(lens, acts.repeat_interleave(k, 0), temperature=options.sample_temperature,
-                  generators=gens)  # [B*k, t]
+    many = decode(
+        lens, acts.repeat_interleave(k, 0), temperature=options.sample_temperature, generators=gens
+    )  # [B*k, t]
     errors = mse_of(acts.repeat_interleave(k, 0), encode(lens, many, current.repeat_interleave(k)))
     best = errors.view(-1, k).argmin(dim=1)  # [B]
     pick = torch.arange(len(positions), device=best.device) * k + best
@@ -160,31 +169,52 @@ def _explain(
 
 
 def analyze_positions(
-    lens: Lens, ids: torch.Tensor, acts: torch.Tensor, positions: list[int],
+    lens: Lens,
+    ids: torch.Tensor,
+    acts: torch.Tensor,
+    positions: list[int],
     options: AnalysisOptions,
 ) -> list[dict[str, Any]]:
-    """Result rows for one batch of positions."""
+    """Compute the result rows for one batch of positions."""
     index = torch.tensor(positions, device=acts.device)
     batch_acts = acts[index]  # [B, d]
     current = ids[0, index].to(lens.base.device)  # [B]
     expl, mse = _explain(lens, batch_acts, current, positions, options)
     norm = batch_acts.float().pow(2).mean(dim=-1).sqrt()
     rel = mse.sqrt().cpu() / norm.cpu()
-    sal = salience(lens, batch_acts, expl, current, mse, options.batch_size or DEFAULT_BATCH_SIZE) \
-        if options.calculate_salience else None
+    sal = (
+        salience(lens, batch_acts, expl, current, mse, options.batch_size or DEFAULT_BATCH_SIZE)
+        if options.calculate_salience
+        else None
+    )
     tops = logit_lens_top(lens, batch_acts) if options.logit_lens else None
     kls = kl_at_positions(lens, ids, positions, batch_acts, current, expl) if options.kl else None
     return [
-        _row(lens, positions[i], int(current[i]), expl[i].tolist(), float(mse[i]),
-             float(rel[i]), None if sal is None else sal[i],
-             None if tops is None else tops[i], None if kls is None else kls[i])
+        _row(
+            lens,
+            positions[i],
+            int(current[i]),
+            expl[i].tolist(),
+            float(mse[i]),
+            float(rel[i]),
+            None if sal is None else sal[i],
+            None if tops is None else tops[i],
+            None if kls is None else kls[i],
+        )
         for i in range(len(positions))
     ]
 
 
 def _row(
-    lens: Lens, position: int, token_id: int, expl_ids: list[int], mse: float, rel: float,
-    sal: list[float] | None, top: list[dict[str, Any]] | None, kl: float | None,
+    lens: Lens,
+    position: int,
+    token_id: int,
+    expl_ids: list[int],
+    mse: float,
+    rel: float,
+    sal: list[float] | None,
+    top: list[dict[str, Any]] | None,
+    kl: float | None,
 ) -> dict[str, Any]:
     tok = lens.base.tokenizer
     token = tok.decode([token_id], skip_special_tokens=False)
@@ -247,9 +277,16 @@ def generate(
             if step + 1 < max_new_tokens:
                 hidden, cache = model.run_inner(chosen[:, None], cache=cache, use_cache=True)
     new_ids = torch.stack(out, dim=1).tolist()
-    conts = [{"text": model.tokenizer.decode(row, skip_special_tokens=False), "token_ids": row}
-             for row in new_ids]
-    meta = {"lens_id": lens.lens_id, "model": str(model.path), "seed": seed,
-            "temperature": temperature, "max_new_tokens": max_new_tokens,
-            "timings": {"total_seconds": round(time.perf_counter() - started, 6)}}
+    conts = [
+        {"text": model.tokenizer.decode(row, skip_special_tokens=False), "token_ids": row}
+        for row in new_ids
+    ]
+    meta = {
+        "lens_id": lens.lens_id,
+        "model": str(model.path),
+        "seed": seed,
+        "temperature": temperature,
+        "max_new_tokens": max_new_tokens,
+        "timings": {"total_seconds": round(time.perf_counter() - started, 6)},
+    }
     return {"meta": meta, "continuations": conts}

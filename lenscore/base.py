@@ -184,8 +184,9 @@ class Base:
         return {"inputs_embeds": embeds_or_ids}
 
     def logits(self, hidden: torch.Tensor, *, softcap: bool = False) -> torch.Tensor:
-        """LM head on final-normed hidden states, float32; `softcap` applies the model's
-        final-logit soft-capping (Gemma 2) where it has one.
+        """Apply the LM head to final-normed hidden states; float32 logits.
+
+        `softcap` applies the model's final-logit soft-capping (Gemma 2) where it has one.
         """
         logits = self.lm_head(hidden).float()
         cap = getattr(self.model.config, "final_logit_softcapping", None)
@@ -267,7 +268,10 @@ def load_base(
 
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    # The per-tensor progress bar is noise on stderr for a CLI and in replica logs.
+    hf_logging.disable_progress_bar()
     path = Path(path)
     if dtype not in DTYPES:
         raise BaseLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -287,6 +291,7 @@ def load_base(
     model.to(device)
     base = Base(path, model, tokenizer, info)
     base.load_seconds = time.perf_counter() - started
-    log.info("loaded base %s (%d bytes) on %s in %.2fs", path, base.nbytes, device,
-             base.load_seconds)
+    log.info(
+        "loaded base %s (%d bytes) on %s in %.2fs", path, base.nbytes, device, base.load_seconds
+    )
     return base

@@ -97,9 +97,7 @@ def read_checkpoint(path: str | Path, *, mmap: bool = True) -> RawCheckpoint:
         raise CheckpointMissing(f"no checkpoint at {path}: no such file or directory")
     candidates = list_checkpoints(path)
     if not candidates:
-        raise CheckpointMissing(
-            f"no checkpoint_step*_epoch*_*.pt file in run directory {path}"
-        )
+        raise CheckpointMissing(f"no checkpoint_step*_epoch*_*.pt file in run directory {path}")
     skipped: list[tuple[Path, str]] = []
     for candidate in candidates:
         try:

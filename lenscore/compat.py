@@ -155,6 +155,11 @@ def _check_shapes(raw: RawCheckpoint, cfg: LensConfig, base: BaseInfo) -> list[s
                 problems.append(
                     f"{part} tensor {key} has hidden size {tensor.shape[-1]}, base has {d}"
                 )
+    return problems + _check_required(raw, cfg, n)
+
+
+def _check_required(raw: RawCheckpoint, cfg: LensConfig, n: int) -> list[str]:
+    problems = []
     dec = raw.decoder
     if "proj_weight" in dec:
         rows = dec["proj_weight"].shape[0]
@@ -230,7 +235,7 @@ def check_base_tensors(raw: RawCheckpoint, base_state: dict[str, torch.Tensor]) 
         for key, tensor in state.items():
             if not key.startswith("base."):
                 continue
-            name = key[len("base."):]
+            name = key[len("base.") :]
             shared = base_state.get(name)
             same = (
                 shared is not None

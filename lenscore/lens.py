@@ -128,11 +128,15 @@ def load_lens(
         raise IncompatibleLens(f"lens {lens_id} ({raw.path})", problems)
     target = torch.device(device) if device is not None else base.device
     tensors = _collect_tensors(raw, base.dtype, target)
-    lens = Lens(lens_id, raw.path, LensConfig.from_dict(raw.config), tensors, base, donor,
-                raw.step)
+    lens = Lens(lens_id, raw.path, LensConfig.from_dict(raw.config), tensors, base, donor, raw.step)
     lens.load_seconds = time.perf_counter() - started
-    log.info("loaded lens %s from %s (%d bytes) in %.3fs", lens_id, raw.path, lens.nbytes,
-             lens.load_seconds)
+    log.info(
+        "loaded lens %s from %s (%d bytes) in %.3fs",
+        lens_id,
+        raw.path,
+        lens.nbytes,
+        lens.load_seconds,
+    )
     return lens
 
 

@@ -66,9 +66,7 @@ class AnalysisOptions:
             problems.append(f"batch_size must be an integer within 1..{MAX_BATCH_SIZE}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             problems.append("seed must be an integer within 0..2**63-1")
-        if self.positions is not None and not all(
-            _is_int(p) and p >= 0 for p in self.positions
-        ):
+        if self.positions is not None and not all(_is_int(p) and p >= 0 for p in self.positions):
             problems.append("positions must be non-negative integers")
         if self.last_n_messages is not None and (
             not _is_int(self.last_n_messages) or self.last_n_messages < 1

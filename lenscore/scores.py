@@ -16,7 +16,7 @@ def mse_of(acts: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
 
 
 def null_token_id(tokenizer: Any) -> int:
-    """The token that blanks an explanation slot: first id of " ", else EOS."""
+    """Return the token that blanks an explanation slot: first id of " ", else EOS."""
     ids = tokenizer.encode(" ", add_special_tokens=False)
     return int(ids[0]) if ids else int(tokenizer.eos_token_id)
 
@@ -68,8 +68,11 @@ def logit_lens_top(lens: Lens, acts: torch.Tensor) -> list[list[dict[str, Any]]]
     tok = model.tokenizer
     return [
         [
-            {"token": tok.decode([int(i)], skip_special_tokens=False), "token_id": int(i),
-             "logit": float(v)}
+            {
+                "token": tok.decode([int(i)], skip_special_tokens=False),
+                "token_id": int(i),
+                "logit": float(v),
+            }
             for v, i in zip(values[row], ids[row], strict=True)
         ]
         for row in range(acts.shape[0])
