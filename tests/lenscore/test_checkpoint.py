@@ -21,8 +21,10 @@ from lenscore.checkpoint import list_checkpoints
 def test_run_directory_picks_highest_step_not_newest_file(demo_dir: Path):
     run = demo_dir / "lenses" / "gemma2-tiny-l1"  # the demo gives step 10 the older mtime
     files = {p.name: p for p in run.iterdir()}
-    assert files["checkpoint_step10_epoch2_.pt"].stat().st_mtime < files[
-        "checkpoint_step5_epoch1_.pt"].stat().st_mtime
+    assert (
+        files["checkpoint_step10_epoch2_.pt"].stat().st_mtime
+        < files["checkpoint_step5_epoch1_.pt"].stat().st_mtime
+    )
     raw = read_checkpoint(run)
     assert raw.step == 10 and raw.epoch == 2
     assert raw.path.name == "checkpoint_step10_epoch2_.pt"
