@@ -36,6 +36,12 @@ class CliError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     """Run `lens-serve`; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["k8s", "render"]:
+        # render has its own parser (deployments/k8s.py); hand it every remaining option.
+        from deployments.k8s import render_main
+
+        return render_main(argv[2:])
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -81,8 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     render = k8s_sub.add_parser(
         "render", help="write k8s/rayservice.yaml from serve_config.yaml (--check: compare)"
     )
-    render.add_argument("render_args", nargs=argparse.REMAINDER)
-    render.set_defaults(run=run_k8s_render)
+    render.add_argument("serve_config", nargs="?", help="default serve_config.yaml")
+    render.add_argument("out", nargs="?", help="default k8s/rayservice.yaml")
+    render.add_argument("--cluster", help="cluster values (default k8s/cluster.yaml)")
+    render.add_argument("--check", action="store_true", help="exit 1 if OUT is stale")
     return parser
 
 
@@ -237,13 +245,6 @@ def run_validate(args: argparse.Namespace) -> int:
         return 2
     print(f"{args.groups_dir}: all group files are valid")
     return 0
-
-
-def run_k8s_render(args: argparse.Namespace) -> int:
-    """Render (or with --check, compare) the RayService manifest."""
-    from deployments.k8s import render_main
-
-    return render_main(args.render_args)
 
 
 if __name__ == "__main__":

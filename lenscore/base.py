@@ -55,13 +55,22 @@ def read_base_info(path: str | Path) -> BaseInfo:
     """
     from transformers import AutoConfig
 
-    path = Path(path)
+    path = _model_dir(path)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         tokenizer = _load_tokenizer(path)
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise BaseLoadError(f"cannot read base model at {path}: {exc}") from exc
     return _info_from(path, config, tokenizer)
+
+
+def _model_dir(path: str | Path) -> Path:
+    # Without this check transformers reads a missing directory as a hub id and reports a
+    # confusing repo-name error; lens-serve never downloads.
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise BaseLoadError(f"no model directory at {path} (expected {path / 'config.json'})")
+    return path
 
 
 def _info_from(path: Path, config: Any, tokenizer: Any) -> BaseInfo:
@@ -272,7 +281,7 @@ def load_base(
 
     # The per-tensor progress bar is noise on stderr for a CLI and in replica logs.
     hf_logging.disable_progress_bar()
-    path = Path(path)
+    path = _model_dir(path)
     if dtype not in DTYPES:
         raise BaseLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     started = time.perf_counter()
