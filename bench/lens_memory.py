@@ -3,7 +3,8 @@
 For every base of a demo tree: load the base (time, bytes), then load each of its lenses on it
 and report the lens load time, its tensor bytes, the process RSS growth (/proc/self/statm) and
 the time to read the same tensors raw from the file into process memory (torch.load with
-mmap + one copy of each lens tensor). Targets (issue): RSS growth per lens <= 1.1x tensor bytes; lens load <= 1.5x raw read.
+mmap + one copy of each lens tensor). Targets (issue): RSS growth per lens <= 1.1x tensor
+bytes; lens load <= 1.5x raw read.
 
     PYTHONPATH=. python bench/lens_memory.py                       # the 64-wide demo
     PYTHONPATH=. python bench/lens_memory.py --hidden 1024 --layers 8

@@ -1,0 +1,33 @@
+"""Liveness, readiness and the web page: the only routes that need no API key."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+
+from deployments.errors import NotReady
+from deployments.ingress import IngressState, frontend_path
+from deployments.schemas import ErrorBody, Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """Answer while the router process runs."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": ErrorBody}})
+async def readyz(request: Request) -> Health:
+    """Config loaded and sizes measured: the router can route."""
+    state: IngressState = request.app.state.ingress
+    if not state.is_ready:
+        raise NotReady("the router is still starting")
+    return Health(status="ready", groups=sorted(state.groups))
+
+
+@router.get("/", response_class=FileResponse, include_in_schema=False)
+async def index() -> FileResponse:
+    """Serve the static web page (it holds no data; every call it makes needs the key)."""
+    return FileResponse(frontend_path(), media_type="text/html")

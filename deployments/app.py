@@ -1,0 +1,53 @@
+"""The Serve application builder: one group deployment per group file, plus the ingress.
+
+`deployments.app:build_app` is the `import_path` of serve_config.yaml; this is the only module
+that calls `serve.deployment` and `.bind` (STYLE §1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.config import AppArgs, GroupSpec, load_groups
+from deployments.group import GroupServer
+
+INGRESS_NAME = "Ingress"
+
+
+def group_deployment_options(group: GroupSpec) -> dict[str, Any]:
+    """Return the `serve.deployment` options of one group from its `replica` block.
+
+    A fixed replica count (min == max) becomes `num_replicas`, so Serve runs no autoscaler
+    for it. serve_config.yaml overrides any of these per deployment name.
+    """
+    options = group.replica.deployment_options()
+    scaling = group.replica.autoscaling
+    if scaling.min_replicas == scaling.max_replicas:
+        del options["autoscaling_config"]
+        options["num_replicas"] = scaling.min_replicas
+    return options
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Build the lens-serve application from its serve_config.yaml `args`.
+
+    Raises:
+        pydantic.ValidationError: the args are invalid.
+        GroupConfigError: a group file is invalid (every problem listed).
+
+    """
+    from deployments.ingress import build_ingress_deployment_class
+
+    app_args = AppArgs.model_validate(args)
+    groups = load_groups(app_args.groups_dir)
+    handles = {
+        group.group_id: serve.deployment(
+            GroupServer, name=group.group_id, **group_deployment_options(group)
+        ).bind(group)
+        for group in groups
+    }
+    ingress = serve.deployment(build_ingress_deployment_class(), name=INGRESS_NAME)
+    return ingress.bind(app_args, groups, handles)

@@ -1,0 +1,282 @@
+"""Where a group replica keeps its lenses: device slots, host-RAM tier, donors, memory.
+
+Used by `GroupServer` (deployments/group.py); DESIGN §Serving shape, "Tiers".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lenscore import Base, Lens
+
+log = logging.getLogger(__name__)
+
+
+class ResidentLens:
+    """One lens on the device, as handed to Serve's multiplexer, with a count of its users.
+
+    NOTE: Serve's multiplexer tears down an evicted model even while a request still uses
+    it: it awaits the model's `__del__` (a coroutine function is awaited) right after popping
+    it from its LRU. Here `__del__` is an instance attribute bound to `_evict`, which waits
+    for the last user and then hands the lens to `on_evict` (the move to the host tier).
+    Being an instance attribute, Python's garbage collector (which looks `__del__` up on the
+    class) never runs it as a finalizer.
+    """
+
+    def __init__(
+        self,
+        lens: Lens,
+        *,
+        kind: str,
+        on_evict: Callable[[ResidentLens], Awaitable[None]],
+    ) -> None:
+        self.lens = lens
+        self.lens_id: str = lens.lens_id
+        self.nbytes: int = lens.nbytes
+        self.kind = kind  # switch kind of the load that put it on the device
+        self.users = 0
+        self.evicted = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._on_evict = on_evict
+        self.__del__ = self._evict
+
+    def try_acquire(self) -> bool:
+        """Count one more user; False when the lens is already being evicted."""
+        if self.evicted:
+            return False
+        self.users += 1
+        self._idle.clear()
+        return True
+
+    def hold(self) -> None:
+        """Count one more user for a caller that already holds the lens (eviction waits)."""
+        self.users += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        """Count one user less (call on the event loop thread)."""
+        self.users -= 1
+        if self.users <= 0:
+            self.users = 0
+            self._idle.set()
+
+    async def _evict(self) -> None:
+        self.evicted = True
+        await self._idle.wait()
+        await self._on_evict(self)
+
+
+class HostTier:
+    """Lenses evicted from the device, kept in host RAM; least recently used dropped first.
+
+    Bounded by bytes (`host_cache_gb`). A lens dropped from here is back to "disk only".
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self._lenses: OrderedDict[str, Lens] = OrderedDict()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the lens tensors held here."""
+        return sum(lens.nbytes for lens in self._lenses.values())
+
+    def lens_ids(self) -> list[str]:
+        """Lens ids held, least recently used first."""
+        return list(self._lenses)
+
+    def __contains__(self, lens_id: object) -> bool:
+        return lens_id in self._lenses
+
+    def put(self, lens: Lens) -> list[str]:
+        """Keep `lens` (already on the host); return the ids dropped to make room."""
+        self._lenses.pop(lens.lens_id, None)
+        if lens.nbytes > self.capacity_bytes:
+            return [lens.lens_id]
+        self._lenses[lens.lens_id] = lens
+        return self._shrink()
+
+    def take(self, lens_id: str) -> Lens | None:
+        """Remove and return the lens (it is going back to the device), or None."""
+        return self._lenses.pop(lens_id, None)
+
+    def drop_where(self, predicate: Callable[[Lens], bool]) -> list[str]:
+        """Drop every lens for which `predicate` is true; return their ids."""
+        dropped = [lens_id for lens_id, lens in self._lenses.items() if predicate(lens)]
+        for lens_id in dropped:
+            del self._lenses[lens_id]
+        return dropped
+
+    def resize(self, capacity_bytes: int) -> list[str]:
+        """Change the capacity; return the ids dropped to fit."""
+        self.capacity_bytes = capacity_bytes
+        return self._shrink()
+
+    def _shrink(self) -> list[str]:
+        dropped = []
+        while self._lenses and self.nbytes > self.capacity_bytes:
+            lens_id, _ = self._lenses.popitem(last=False)
+            dropped.append(lens_id)
+        return dropped
+
+
+class DonorCache:
+    """Donor models by path, loaded once each and shared by every lens naming them.
+
+    Least recently used first out, but a donor that a device-resident lens still reads is
+    never dropped (the lens holds a reference, so dropping it would free nothing): with
+    more such donors than `max_donors`, the cache runs over its limit and logs it.
+    """
+
+    def __init__(
+        self,
+        max_donors: int,
+        load: Callable[[Path], Awaitable[Base]],
+        on_drop: Callable[[Path, Base], None],
+    ) -> None:
+        self.max_donors = max_donors
+        self.loads = 0
+        self._load = load
+        self._on_drop = on_drop
+        self._donors: OrderedDict[Path, Base] = OrderedDict()
+        self._bytes: dict[Path, int] = {}  # Base.nbytes walks every parameter: once per load
+        self._loading: dict[Path, asyncio.Future[Base]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the donor models held."""
+        return sum(self._bytes[path] for path in self._donors)
+
+    def paths(self) -> list[Path]:
+        """Donor paths held, least recently used first."""
+        return list(self._donors)
+
+    async def get(self, path: Path, *, pinned: set[Path]) -> Base:
+        """Return the donor at `path`, loading it once even under concurrent calls.
+
+        Args:
+            path: donor model directory.
+            pinned: donor paths that device-resident lenses read; never dropped.
+
+        """
+        if path in self._donors:
+            self._donors.move_to_end(path)
+            return self._donors[path]
+        if path in self._loading:
+            return await asyncio.shield(self._loading[path])
+        future: asyncio.Future[Base] = asyncio.get_running_loop().create_future()
+        self._loading[path] = future
+        try:
+            self.trim(self.max_donors - 1, pinned=pinned)
+            donor = await self._load(path)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here, so a lone failure logs no warning
+            raise
+        finally:
+            self._loading.pop(path, None)
+        self.loads += 1
+        self._donors[path] = donor
+        self._bytes[path] = donor.nbytes
+        future.set_result(donor)
+        return donor
+
+    def trim(self, keep: int, *, pinned: set[Path]) -> None:
+        """Drop least recently used donors, not pinned ones, until at most `keep` remain."""
+        for path in list(self._donors):
+            if len(self._donors) <= max(keep, 0):
+                break
+            if path in pinned:
+                continue
+            self._bytes.pop(path, None)
+            self._on_drop(path, self._donors.pop(path))
+        if len(self._donors) > max(keep, 0):
+            log.warning(
+                "donor cache holds %d donors (limit %d): resident lenses still read them",
+                len(self._donors),
+                self.max_donors,
+            )
+
+
+class LocalMultiplexer:
+    """An in-process LRU with the contract of Serve's multiplex wrapper, for use without Serve.
+
+    `bench/switch.py` drives `GroupServer` in one process, where `serve.multiplexed` cannot
+    run (it needs a replica context). Same fields and order of events as Ray 2.60's
+    `_ModelMultiplexWrapper`: one load at a time under a lock, evict the LRU model (awaiting
+    its `__del__`) before loading when full.
+    """
+
+    def __init__(self, load: Callable[[str], Awaitable[Any]], max_num_models_per_replica: int):
+        self.models: OrderedDict[str, Any] = OrderedDict()
+        self.max_num_models_per_replica = max_num_models_per_replica
+        self._func = load
+        self._model_cache_lock = asyncio.Lock()
+
+    async def load_model(self, model_id: str) -> Any:
+        """Return the model, loading it (and evicting the LRU one) when absent."""
+        if model_id in self.models:
+            self.models.move_to_end(model_id)
+            return self.models[model_id]
+        async with self._model_cache_lock:
+            if model_id in self.models:
+                return self.models[model_id]
+            if 0 < self.max_num_models_per_replica <= len(self.models):
+                await self.unload_model_lru()
+            self.models[model_id] = await self._func(model_id)
+            return self.models[model_id]
+
+    async def unload_model_lru(self) -> None:
+        """Pop the least recently used model and await its `__del__`."""
+        _, model = self.models.popitem(last=False)
+        if hasattr(model, "__del__"):
+            await model.__del__()
+
+
+def read_memory(device: torch.device) -> dict[str, int]:
+    """Read allocated, free and total bytes of the replica's device.
+
+    On CUDA: the caching allocator's allocated bytes and the driver's free/total. On CPU:
+    this process's resident set size and the host's available/total memory (from /proc).
+    """
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        return {"allocated_bytes": allocated, "free_bytes": free, "total_bytes": total}
+    return {
+        "allocated_bytes": _process_rss_bytes(),
+        "free_bytes": _meminfo_bytes("MemAvailable"),
+        "total_bytes": _meminfo_bytes("MemTotal"),
+    }
+
+
+def _process_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            resident_pages = int(statm.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _meminfo_bytes(field: str) -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024  # the file says kB; it means KiB
+    except (OSError, ValueError):
+        return 0
+    return 0
