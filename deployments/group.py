@@ -211,11 +211,11 @@ class GroupServer:
         """Run a load in a thread; on a device OOM free what is unused and try once more."""
         try:
             return await asyncio.to_thread(move)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, OutOfDeviceMemory):
             await self._free_device_memory()
         try:
             return await asyncio.to_thread(move)
-        except torch.OutOfMemoryError as exc:
+        except (torch.OutOfMemoryError, OutOfDeviceMemory) as exc:
             raise OutOfDeviceMemory(
                 "the device has no room for this lens even after evicting unused lenses; "
                 "retry later or lower max_lenses_per_replica",
@@ -379,12 +379,14 @@ class GroupServer:
     ) -> Any:
         try:
             return await self._run(resident, lambda: work(options), stop)
-        except torch.OutOfMemoryError:
+        # lenscore reports a device OOM as OutOfDeviceMemory; a raw torch error can still
+        # come from code outside lenscore's try (e.g. a host-tier copy back to the device).
+        except (torch.OutOfMemoryError, OutOfDeviceMemory):
             await self._free_device_memory(keep=resident.lens_id)
         half = dataclasses.replace(options, batch_size=max(1, (options.batch_size or 2) // 2))
         try:
             return await self._run(resident, lambda: work(half), stop)
-        except torch.OutOfMemoryError as exc:
+        except (torch.OutOfMemoryError, OutOfDeviceMemory) as exc:
             raise OutOfDeviceMemory(
                 f"out of device memory analysing with lens {resident.lens_id}, also at batch "
                 f"size {half.batch_size}; retry later or with a shorter text",

@@ -71,9 +71,13 @@ def _is_actor_alive(snapshot: dict[str, Any]) -> bool:
 def get_registry() -> ray.actor.ActorHandle:
     """Return the registry actor, creating it if no process has yet.
 
-    Not detached: it lives with the process that created it. Replicas push again on their
-    next health check, so a registry restarted with its owner fills up within seconds.
+    Detached: a non-detached actor dies with the process that created it, and that is often a
+    group replica that later scales to zero, which would empty the group status of every
+    other group until their next push. It holds only snapshots and ends with the cluster.
     """
     return StatusRegistry.options(
-        name=REGISTRY_NAME, namespace=REGISTRY_NAMESPACE, get_if_exists=True
+        name=REGISTRY_NAME,
+        namespace=REGISTRY_NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
     ).remote()

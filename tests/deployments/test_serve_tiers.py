@@ -73,13 +73,20 @@ def test_an_evicted_lens_waits_for_its_last_user(write_groups):
     asyncio.run(scenario())
 
 
-def test_device_oom_evicts_idle_lenses_and_retries_with_half_the_batch(write_groups, demo_dir):
+@pytest.mark.parametrize(
+    "oom",
+    [
+        torch.OutOfMemoryError("CUDA out of memory (injected)"),
+        OutOfDeviceMemory("out of device memory (as lenscore reports it)"),
+    ],
+)
+def test_device_oom_evicts_idle_lenses_and_retries_with_half_the_batch(write_groups, demo_dir, oom):
     batches: list[int] = []
 
     def oom_once(lens, **kwargs: Any) -> dict[str, Any]:
         batches.append(kwargs["options"].batch_size)
         if len(batches) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            raise oom
         return analyze(lens, **kwargs)
 
     group = load_groups(write_groups(replica={"max_lenses_per_replica": 2}))[0]
