@@ -122,6 +122,9 @@ class GroupServer:
         self._registry: Any = None
         self._in_serve = self._actor_name is not None
         self._build_multiplexer(self.replica.max_lenses_per_replica)
+        # Report at once: until a replica reports, the ingress sees its group as having none
+        # and would count the next request as a cold start.
+        self._publish()
         log.info(
             "%s",
             json.dumps(
@@ -340,6 +343,9 @@ class GroupServer:
         self.metrics.record_switch(kind, seconds)
         if kind == "hit":
             self.history.setdefault("hit", _Stats()).add(seconds, 0)
+        else:
+            # The load published before Serve put the lens in its cache: report it resident.
+            self._publish()
         return resident, {"kind": kind, "seconds": seconds}
 
     @contextlib.asynccontextmanager

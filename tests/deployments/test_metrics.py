@@ -1,9 +1,10 @@
 """The `ray_lens_*` metrics on Ray's metrics export port, read by prometheus_client and Prometheus.
 
-One application for the module with one group (`max_lenses_per_replica: 2`) under an id no
-other module uses, so the session's shared Ray carries no other traffic with its `group` tag.
-A scripted sequence runs once through Serve's HTTP proxy; every test checks what it exported
-(DESIGN §Metrics). Ray exports on its report interval (about 10 s): tests poll, never sleep.
+One application for the module, with group ids no other module uses, so no other traffic on
+the session's shared Ray carries their `group` tag. A scripted sequence runs once through
+Serve's HTTP proxy; each test checks what Ray exported for it (DESIGN §Metrics). Ray exports
+on its report interval (about 10 s): tests poll against a deadline, never sleep. Over 400
+lines because every test reads the one scripted run, which takes a replica start per group.
 """
 
 from __future__ import annotations
@@ -28,9 +29,13 @@ GROUP = "metrics-qwen2"
 TEXT = "The quick brown fox jumps over the lazy dog."
 OPTIONS = {"temperature": 0.0, "seed": 0, "calculate_salience": False}
 A, B, C = "qwen2-tiny-l1", "qwen2-tiny-l2-first2", "qwen2-tiny-l0-single"
-# A second group that scales to zero: its one request waits for a replica (a cold start).
+# A second group that scales to zero: its first request waits for a replica (a cold start);
+# then a donor lens (a donor load) and a lens whose checkpoint is truncated once the app runs
+# (a load failure), so every series the dashboard and the alerts name gets exported.
 COLD_GROUP = "metrics-cold"
 COLD_LENS = "metrics-cold-l1"  # the checkpoint of A
+DONOR_LENS = "metrics-cold-donor"  # the checkpoint of qwen2-tiny-l1-donor
+CORRUPT_LENS = "metrics-cold-corrupt"
 ANALYZE = "/api/v2/lenses/{lens_id}/analyze"
 GROUPS = "/api/v2/groups"
 # Two lenses fit the device. A (first load), B (disk), C (disk: A goes to the host tier),
@@ -53,11 +58,17 @@ DESIGN_TAGS = {
     "ray_lens_requests_total": {"group", "endpoint", "status"},
     "ray_lens_analyze_seconds_count": {"group"},
     "ray_lens_analyzed_tokens_total": {"group"},
+    "ray_lens_donor_load_seconds_count": {"group"},
+    # DESIGN allows a `lens` tag on counters (lens ids are bounded by the config).
+    "ray_lens_load_failures_total": {"group", "reason", "lens"},
 }
-# Tags Serve adds to every `ray.serve.metrics` metric, and the ones Ray's exporter adds.
+# Tags Serve adds to every `ray.serve.metrics` metric, and the ones Ray's exporter adds
+# (Ray 2.60 exports through OpenTelemetry, hence the `otel_scope_*` ones).
 SERVE_TAGS = {"application", "deployment", "replica"}
-RAY_TAGS = SERVE_TAGS | {"route", "SessionName", "Version", "Component", "NodeAddress",
-                         "WorkerId", "JobId"}  # fmt: skip
+RAY_TAGS = SERVE_TAGS | {
+    "route", "SessionName", "Version", "Component", "NodeAddress", "WorkerId", "JobId",
+    "otel_scope_name", "otel_scope_schema_url", "otel_scope_version",
+}  # fmt: skip
 
 Sample = tuple[str, dict[str, str], float]
 
@@ -84,22 +95,37 @@ class Traffic:
         return {g["group_id"]: g for g in response.json()["groups"]}
 
 
-def write_group(write_groups: Callable[..., Path]) -> Path:
-    """The demo qwen2 group as GROUP without the donor lens (no donor load), and COLD_GROUP."""
+@dataclass(frozen=True)
+class Groups:
+    """The module's group files and the checkpoint file its test truncates."""
+
+    groups_dir: Path
+    corrupt_file: Path
+
+
+def write_groups_for_module(write_groups: Callable[..., Path], tmp_path: Path) -> Groups:
+    """GROUP: the demo qwen2 group without its donor lens (no donor load); COLD_GROUP."""
     groups_dir = write_groups(("qwen2-tiny",))
     demo_file = groups_dir / "qwen2-tiny.yaml"
     data = yaml.safe_load(demo_file.read_text())
     demo_file.unlink()
-    data["group_id"] = GROUP
-    data["donors"] = []
-    data["lenses"] = [lens for lens in data["lenses"] if lens["id"] in (A, B, C)]
-    assert data["replica"]["max_lenses_per_replica"] == 2
-    (groups_dir / f"{GROUP}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    first = next(lens for lens in data["lenses"] if lens["id"] == A)
-    cold = data | {"group_id": COLD_GROUP, "lenses": [first | {"id": COLD_LENS}]}
+    lenses = {lens["id"]: lens for lens in data["lenses"]}
+    group = data | {"group_id": GROUP, "donors": [], "lenses": [lenses[i] for i in (A, B, C)]}
+    assert group["replica"]["max_lenses_per_replica"] == 2
+    (groups_dir / f"{GROUP}.yaml").write_text(yaml.safe_dump(group, sort_keys=False))
+    # An intact copy at start-up (start-up refuses a corrupt checkpoint), truncated later.
+    newest = max(Path(lenses[C]["checkpoint"]).glob("checkpoint_step*.pt"))
+    corrupt_file = tmp_path / newest.name
+    shutil.copy(newest, corrupt_file)
+    cold_lenses = [
+        lenses[A] | {"id": COLD_LENS},
+        lenses["qwen2-tiny-l1-donor"] | {"id": DONOR_LENS},
+        lenses[C] | {"id": CORRUPT_LENS, "checkpoint": str(corrupt_file)},
+    ]
+    cold = data | {"group_id": COLD_GROUP, "lenses": cold_lenses}
     cold["replica"] = data["replica"] | {"autoscaling": {"min_replicas": 0, "max_replicas": 1}}
     (groups_dir / f"{COLD_GROUP}.yaml").write_text(yaml.safe_dump(cold, sort_keys=False))
-    return groups_dir
+    return Groups(groups_dir, corrupt_file)
 
 
 def is_ready(client: httpx.Client) -> bool:
@@ -110,21 +136,16 @@ def is_ready(client: httpx.Client) -> bool:
 
 
 @pytest.fixture(scope="module")
-def traffic(ray_cluster: Any, write_groups: Any, wait_until: Any) -> Iterator[Traffic]:
-    """Deploy the app, then run SEQUENCE once through the HTTP proxy."""
+def traffic(
+    ray_cluster: Any, write_groups: Any, wait_until: Any, tmp_path_factory: Any
+) -> Iterator[Traffic]:
+    """Deploy the app, run SEQUENCE on GROUP, then COLD_GROUP's requests, all over HTTP."""
     from ray import serve
 
     from deployments.app import build_app
-    from deployments.registry import get_registry
 
-    groups_dir = write_group(write_groups)
-    # NOTE: the registry actor is not detached, so it lives only while its creator holds the
-    # handle it got at creation; a replica that creates it replaces that handle on its next
-    # health check and the actor dies. With no registry, or an empty new one, the router
-    # sees the group with no replica and adds a cold start (an `ensure_lens`) to a request.
-    # This module holds a handle from the driver so the counts below stay exact.
-    registry = get_registry()
-    serve.run(build_app({"groups_dir": str(groups_dir)}), name=APP, route_prefix=ROUTE,
+    groups = write_groups_for_module(write_groups, tmp_path_factory.mktemp("corrupt"))
+    serve.run(build_app({"groups_dir": str(groups.groups_dir)}), name=APP, route_prefix=ROUTE,
               blocking=False)  # fmt: skip
     with httpx.Client(base_url=ray_cluster.http_url + ROUTE, timeout=120) as client:
         wait_until(lambda: is_ready(client), timeout_s=300, what=f"{APP} ready")
@@ -151,12 +172,17 @@ def traffic(ray_cluster: Any, write_groups: Any, wait_until: Any) -> Iterator[Tr
         assert missing.status_code == 404, missing.text
         invalid = seen.send("POST", ANALYZE.format(lens_id=A), ANALYZE, GROUP, json={"text": 5})
         assert invalid.status_code == 422, invalid.text
-        cold = seen.send("POST", ANALYZE.format(lens_id=COLD_LENS), ANALYZE, COLD_GROUP,
-                         json={"text": TEXT, "options": OPTIONS})  # fmt: skip
-        assert cold.status_code == 200, cold.text
+        for lens_id in (COLD_LENS, DONOR_LENS):
+            response = seen.send("POST", ANALYZE.format(lens_id=lens_id), ANALYZE, COLD_GROUP,
+                                 json={"text": TEXT, "options": OPTIONS})  # fmt: skip
+            assert response.status_code == 200, response.text
+        data = groups.corrupt_file.read_bytes()
+        groups.corrupt_file.write_bytes(data[: len(data) // 3])
+        corrupt = seen.send("POST", ANALYZE.format(lens_id=CORRUPT_LENS), ANALYZE, COLD_GROUP,
+                            json={"text": TEXT, "options": OPTIONS})  # fmt: skip
+        assert corrupt.status_code == 409, corrupt.text
         yield seen
     serve.delete(APP)
-    del registry
 
 
 def scrape(port: int) -> list[Sample]:
@@ -185,6 +211,11 @@ def by_tag(samples: list[Sample], name: str, tag: str) -> dict[str, float]:
     return sums
 
 
+def cold_starts(samples: list[Sample]) -> dict[str, float]:
+    """`ray_lens_cold_start_seconds_count` of this application by group."""
+    return {s[1]["group"]: s[2] for s in ours(samples, "ray_lens_cold_start_seconds_count")}
+
+
 def exported_requests(samples: list[Sample]) -> Counter[tuple[str, str, str]]:
     counts: Counter[tuple[str, str, str]] = Counter()
     for _, labels, value in ours(samples, "ray_lens_requests_total"):
@@ -194,9 +225,13 @@ def exported_requests(samples: list[Sample]) -> Counter[tuple[str, str, str]]:
 
 
 def wait_for_export(
-    port: int, check: Callable[[list[Sample]], bool], what: str, wait_until: Any
+    port: int,
+    check: Callable[[list[Sample]], bool],
+    what: str,
+    wait_until: Any,
+    explain: Callable[[list[Sample]], Any] | None = None,
 ) -> list[Sample]:
-    """Scrape until `check` holds; on timeout show what `check` last saw."""
+    """Scrape until `check` holds; on timeout show `explain` (or GROUP's samples) of the last."""
     last: list[list[Sample]] = [[]]
 
     def probe() -> list[Sample] | None:
@@ -206,6 +241,8 @@ def wait_for_export(
     try:
         return wait_until(probe, timeout_s=120, what=what)
     except pytest.fail.Exception:
+        if explain is not None:
+            pytest.fail(f"{what}; last scrape: {explain(last[0])}")
         mine = [s for s in last[0] if s[0].startswith("ray_lens_") and s[1].get("group") == GROUP]
         pytest.fail(f"{what}; last scrape of group {GROUP}: {mine}")
 
@@ -217,23 +254,35 @@ def test_each_scripted_request_reports_the_expected_switch_kind(traffic: Traffic
 def test_exported_switch_and_load_counts_are_exact(
     traffic: Traffic, ray_cluster: Any, wait_until: Any
 ) -> None:
-    def done(samples: list[Sample]) -> bool:
-        return (
-            by_tag(samples, "ray_lens_switch_seconds_count", "kind") == EXPECTED_SWITCHES
-            and by_tag(samples, "ray_lens_load_seconds_count", "source") == EXPECTED_LOADS
-            and by_tag(samples, "ray_lens_analyzed_tokens_total", "group")
-            == {GROUP: float(traffic.analyzed_tokens)}
-        )
+    expected = {
+        "switches": EXPECTED_SWITCHES,
+        "loads": EXPECTED_LOADS,
+        "analyses": {GROUP: float(len(SEQUENCE))},
+        "tokens": {GROUP: float(traffic.analyzed_tokens)},
+        # GROUP had its replica all along; COLD_GROUP's first request waited for one.
+        "cold_starts": {COLD_GROUP: 1.0},
+        "failures": {"corrupt": 1.0},
+    }
+
+    def counts(samples: list[Sample]) -> dict[str, dict[str, float]]:
+        return {
+            "switches": by_tag(samples, "ray_lens_switch_seconds_count", "kind"),
+            "loads": by_tag(samples, "ray_lens_load_seconds_count", "source"),
+            "analyses": by_tag(samples, "ray_lens_analyze_seconds_count", "group"),
+            "tokens": by_tag(samples, "ray_lens_analyzed_tokens_total", "group"),
+            "cold_starts": cold_starts(samples),
+            "failures": {
+                s[1]["reason"]: s[2]
+                for s in ours(samples, "ray_lens_load_failures_total")
+                if s[1]["lens"] == CORRUPT_LENS
+            },
+        }
 
     samples = wait_for_export(
-        ray_cluster.metrics_port, done, f"switches {EXPECTED_SWITCHES}, loads {EXPECTED_LOADS}",
-        wait_until,
+        ray_cluster.metrics_port, lambda samples: counts(samples) == expected,
+        f"exported counts {expected}", wait_until,
     )  # fmt: skip
     assert by_tag(samples, "ray_lens_base_load_seconds_count", "group") == {GROUP: 1.0}
-    # GROUP had its replica all along; COLD_GROUP's one request waited for one.
-    cold_starts = {s[1]["group"]: s[2] for s in ours(samples, "ray_lens_cold_start_seconds_count")}
-    assert cold_starts == {COLD_GROUP: 1.0}
-    assert by_tag(samples, "ray_lens_analyze_seconds_count", "group") == {GROUP: 6.0}
     # Each histogram's `+Inf` bucket equals its count.
     buckets = [s for s in ours(samples, "ray_lens_switch_seconds_bucket") if s[1]["le"] == "+Inf"]
     assert {s[1]["kind"]: s[2] for s in buckets if s[1]["group"] == GROUP} == EXPECTED_SWITCHES
@@ -287,12 +336,12 @@ def test_exported_tag_sets_are_the_design_ones(
         for _, labels, _ in ours(samples, name):
             assert set(labels) - RAY_TAGS == tags, (name, labels)
             assert set(labels) >= SERVE_TAGS, (name, labels)
-    replica_deployments = {
-        s[1]["deployment"] for s in ours(samples, "ray_lens_switch_seconds_count")
-    }
-    assert replica_deployments == {GROUP}
-    ingress = {s[1]["deployment"] for s in ours(samples, "ray_lens_requests_total")}
-    assert ingress == {"Ingress"}
+    # Replicas tag with their own group (deployment name = group id); the router with Ingress.
+    router_series = {"ray_lens_requests_total", "ray_lens_cold_start_seconds_count"}
+    for name in DESIGN_TAGS:
+        for _, labels, _ in ours(samples, name):
+            emitter = "Ingress" if name in router_series else labels["group"]
+            assert labels["deployment"] == emitter, (name, labels)
 
 
 def test_groups_list_switch_estimate_turns_measured_after_loads(
@@ -365,3 +414,29 @@ def test_prometheus_scrapes_ray_and_counts_switches_by_kind(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def test_dashboard_and_alerts_name_only_series_ray_exports(
+    traffic: Traffic, ray_cluster: Any, wait_until: Any
+) -> None:
+    import json
+    import re
+
+    k8s = Path(__file__).resolve().parents[2] / "k8s"
+    dashboard = json.loads((k8s / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    alerts = yaml.safe_load((k8s / "alerts.yaml").read_text())
+    exprs += [rule["expr"] for group in alerts["groups"] for rule in group["rules"]]
+    named = {name for expr in exprs for name in re.findall(r"\bray_[a-z_]+", expr)}
+    assert named, "no ray_* series named in the k8s/ queries"
+
+    def missing(samples: list[Sample]) -> set[str]:
+        exported = {name for name, _, _ in samples}
+        return named - exported
+
+    samples = wait_for_export(
+        ray_cluster.metrics_port, lambda samples: not missing(samples),
+        f"every series named in k8s/: {sorted(named)}", wait_until,
+        explain=lambda samples: f"missing {sorted(missing(samples))}",
+    )  # fmt: skip
+    assert not missing(samples)

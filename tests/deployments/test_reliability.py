@@ -32,6 +32,7 @@ COLD = "reliability-cold"  # the checkpoint of qwen2-tiny-l2-first2, first asked
 INCOMPATIBLE = "reliability-incompatible"  # gets a newer step with layer_l 7 after start-up
 FALLBACK = "reliability-fallback"  # its newest step is truncated after start-up
 OLDER = "reliability-older"  # the older step of FALLBACK's run directory, as one file
+STORM = ["reliability-storm-a", "reliability-storm-b"]  # cold twins, preloaded by many at once
 BUDGET_SMALL = "budget-small"  # qwen2-tiny-l0-single: fits the budget beside the base
 BUDGET_BIG = "budget-big"  # qwen2-tiny-l1: does not
 CONCURRENT_COLD_REQUESTS = 50
@@ -112,6 +113,10 @@ def served(
          "layer": 1},
         {"id": FALLBACK, "name": FALLBACK, "checkpoint": str(fallback_dir), "layer": 1},
         {"id": OLDER, "name": OLDER, "checkpoint": str(steps[-2]), "layer": 1},
+        {"id": STORM[0], "name": STORM[0], "checkpoint": str(demo / "qwen2-tiny-l0-single"),
+         "layer": 0},
+        {"id": STORM[1], "name": STORM[1], "checkpoint": str(demo / "qwen2-tiny-l2-first2"),
+         "layer": 2},
     ]  # fmt: skip
     groups_dir = write_groups((GROUP,), extra_lenses={GROUP: extra})
     budget_group(groups_dir, demo_dir, demo_manifest)
@@ -160,10 +165,12 @@ def replica_status(group_id: str = GROUP) -> dict[str, Any]:
     return handle.status.remote().result(timeout_s=60)
 
 
-def http_replicas(client: httpx.Client, group_id: str) -> list[dict[str, Any]]:
+def http_replica(client: httpx.Client, group_id: str, replica_id: str) -> dict[str, Any] | None:
+    """The replica's entry in the group status endpoint (the registry's copy), if listed."""
     resp = client.get(f"/api/v2/groups/{group_id}/status")
     assert resp.status_code == 200, resp.text
-    return resp.json()["replicas"]
+    found = [r for r in resp.json()["replicas"] if r["replica_id"] == replica_id]
+    return found[0] if found else None
 
 
 def error_of(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -212,15 +219,47 @@ def test_fifty_concurrent_first_requests_for_a_cold_lens_load_it_once(served, wa
     for result in results[1:]:
         assert result["rows"] == results[0]["rows"]
     assert {r["meta"]["lens_id"] for r in results} == {COLD}
-    assert replica_status()["loads"][COLD] == 1
+    status = replica_status()
+    assert status["loads"][COLD] == 1
 
     # The group status endpoint says the same once the replica's push reaches the registry.
     def reported_loads() -> dict[str, int] | None:
-        replicas = http_replicas(served["client"], GROUP)
-        return replicas[0]["loads"] if replicas and COLD in replicas[0]["loads"] else None
+        replica = http_replica(served["client"], GROUP, status["replica_id"])
+        return replica["loads"] if replica and COLD in replica["loads"] else None
 
     loads = wait_until(reported_loads, timeout_s=30, what=f"{COLD} in the group status")
     assert loads[COLD] == 1, loads
+
+
+def test_a_preload_and_request_storm_loads_each_lens_once(served):
+    # Two lenses fit the device together (max_lenses_per_replica 2): nothing is evicted
+    # during the storm, so any load beyond the first per lens would be a double load.
+    before = replica_status()["loads"]
+    assert not set(STORM) & set(before), before
+
+    async def storm() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=served["base_url"], timeout=180) as client:
+            preload = f"/api/v2/groups/{GROUP}/preload"
+            preloads = [client.post(preload, json={"lens_ids": STORM}) for _ in range(8)]
+            analyses = [
+                client.post(f"/api/v2/lenses/{STORM[i % 2]}/analyze", json=analyze_body())
+                for i in range(16)
+            ]
+            answers = await asyncio.gather(*preloads, *analyses)
+            return answers[:8], answers[8:]
+
+    preloads, analyses = asyncio.run(storm())
+    for resp in [*preloads, *analyses]:
+        assert resp.status_code == 200, resp.text
+    for resp in preloads:
+        assert [(r["lens_id"], r["ok"]) for r in resp.json()["results"]] == [
+            (lens_id, True) for lens_id in STORM
+        ], resp.json()
+    for lens_id in STORM:
+        rows = [r.json()["rows"] for r in analyses if r.json()["meta"]["lens_id"] == lens_id]
+        assert len(rows) == 8 and all(row == rows[0] for row in rows), lens_id
+    loads = replica_status()["loads"]
+    assert {lens_id: loads.get(lens_id) for lens_id in STORM} == dict.fromkeys(STORM, 1)
 
 
 # --- bad checkpoints at load time ------------------------------------------------------------
@@ -243,9 +282,12 @@ def test_a_checkpoint_that_turns_incompatible_fails_only_its_own_lens(served, wa
         assert INCOMPATIBLE in error["message"], error
         assert any("layer" in problem for problem in error["detail"]["problems"]), error
 
+    replica_id = replica_status()["replica_id"]
+
     def failed_in_status() -> dict[str, str] | None:
-        (replica,) = http_replicas(client, GROUP)
-        return replica["lenses"]["failed"] if INCOMPATIBLE in replica["lenses"]["failed"] else None
+        replica = http_replica(client, GROUP, replica_id)
+        failed = replica["lenses"]["failed"] if replica else {}
+        return failed if INCOMPATIBLE in failed else None
 
     failed = wait_until(failed_in_status, timeout_s=30, what=f"{INCOMPATIBLE} marked failed")
     assert "incompatible" in failed[INCOMPATIBLE]
