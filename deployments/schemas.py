@@ -258,7 +258,12 @@ class SwitchEstimate(_Response):
     host: float
     disk: float
     cold: float
-    source: Literal["measured", "estimated"]
+    source: Literal["measured", "estimated"] = Field(
+        description="`measured` when any of the three comes from measured history"
+    )
+    sources: dict[str, Literal["measured", "estimated"]] = Field(
+        default_factory=dict, description="Where each value comes from, by tier."
+    )
 
 
 class GroupInfo(_Response):

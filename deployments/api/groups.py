@@ -85,6 +85,11 @@ def estimate_switch(
     known = [s.tensor_bytes for s in sizes.lenses.values() if s.tensor_bytes is not None]
     lens_bytes = statistics.fmean(known) if known else 0.0
     measured = measured_means(replicas)
+    sources = {
+        "host": "measured" if "host" in measured else "estimated",
+        "disk": "measured" if "disk" in measured else "estimated",
+        "cold": "measured" if cold_history else "estimated",
+    }
     disk = measured.get("disk", lens_bytes / DISK_BYTES_PER_SECOND)
     base = measured.get("base", sizes.base_bytes / DISK_BYTES_PER_SECOND)
     if cold_history:
@@ -96,10 +101,10 @@ def estimate_switch(
         "disk": disk,
         "cold": cold,
     }
-    is_measured = bool(cold_history) or any(k in measured for k in ("host", "disk"))
     return SwitchEstimate(
         **{kind: round(value, 6) for kind, value in values.items()},
-        source="measured" if is_measured else "estimated",
+        source="measured" if "measured" in sources.values() else "estimated",
+        sources=sources,
     )
 
 

@@ -358,6 +358,8 @@ def test_groups_list_switch_estimate_turns_measured_after_loads(
         what=f"{GROUP} estimate measured",
     )
     assert after["disk"] > 0 and after["host"] > 0, after
+    # GROUP never went cold: its cold value stays an estimate, and says so.
+    assert after["sources"] == {"host": "measured", "disk": "measured", "cold": "estimated"}
 
 
 def test_prometheus_scrapes_ray_and_counts_switches_by_kind(

@@ -498,7 +498,7 @@ def test_groups_list_has_the_design_shape(
         assert set(memory) == {"base_bytes", "lens_bytes_total", "donor_bytes"}
         assert memory["base_bytes"] > 0 and memory["lens_bytes_total"] > 0
         switch = group["estimated_switch_seconds"]
-        assert set(switch) == {"host", "disk", "cold", "source"}
+        assert set(switch) == {"host", "disk", "cold", "source", "sources"}
         assert switch["source"] in ("measured", "estimated")
         for lens in group["lenses"]:
             assert set(lens) == {
