@@ -49,5 +49,9 @@ def build_app(args: dict[str, Any]) -> Application:
         ).bind(group)
         for group in groups
     }
-    ingress = serve.deployment(build_ingress_deployment_class(), name=INGRESS_NAME)
+    # Serve's default of 5 ongoing requests would queue every 6th client at the router,
+    # which only waits on replicas; serve_config.yaml may set its own value.
+    ingress = serve.deployment(
+        build_ingress_deployment_class(), name=INGRESS_NAME, max_ongoing_requests=200
+    )
     return ingress.bind(app_args, groups, handles)

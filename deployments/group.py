@@ -170,6 +170,7 @@ class GroupServer:
         try:
             lens, source = await self._bring_to_device(spec)
         except LensError as exc:
+            _name_lens(exc, lens_id)
             self._record_failure(lens_id, exc)
             raise
         seconds = time.perf_counter() - started
@@ -606,6 +607,14 @@ async def _drain(events: asyncio.Queue, task: asyncio.Future) -> AsyncIterator[d
             getter.cancel()
     while not events.empty():
         yield events.get_nowait()
+
+
+def _name_lens(exc: LensError, lens_id: str) -> None:
+    """Make a load failure name its lens: lenscore's corrupt/missing errors name only a path."""
+    if lens_id not in exc.message:
+        exc.message = f"lens {lens_id}: {exc.message}"
+        exc.args = (exc.message,)
+    exc.detail = {**exc.detail, "lens_id": lens_id}
 
 
 def _consume(future: asyncio.Future) -> None:

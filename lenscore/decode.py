@@ -71,6 +71,9 @@ def choose_tokens(
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if not torch.isfinite(probs).all():
+        # A temperature so small that logits / T overflows: its limit is the argmax.
+        return logits.argmax(dim=-1)
     if generators is None:
         return torch.multinomial(probs, 1)[:, 0]
     # One generator per row, so a row's draw does not depend on what else is in the batch.

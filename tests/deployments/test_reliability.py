@@ -32,6 +32,7 @@ COLD = "reliability-cold"  # the checkpoint of qwen2-tiny-l2-first2, first asked
 INCOMPATIBLE = "reliability-incompatible"  # gets a newer step with layer_l 7 after start-up
 FALLBACK = "reliability-fallback"  # its newest step is truncated after start-up
 OLDER = "reliability-older"  # the older step of FALLBACK's run directory, as one file
+MISSING = "reliability-missing"  # its run directory is moved away after start-up, then back
 STORM = ["reliability-storm-a", "reliability-storm-b"]  # cold twins, preloaded by many at once
 BUDGET_SMALL = "budget-small"  # qwen2-tiny-l0-single: fits the budget beside the base
 BUDGET_BIG = "budget-big"  # qwen2-tiny-l1: does not
@@ -105,6 +106,7 @@ def served(
     demo = demo_dir / "lenses"
     incompatible_dir = copy_run_dir(demo / GOOD, runs / INCOMPATIBLE)
     fallback_dir = copy_run_dir(demo / GOOD, runs / FALLBACK)
+    missing_dir = copy_run_dir(demo / GOOD, runs / MISSING)
     steps = sorted(fallback_dir.glob("checkpoint_step*.pt"), key=checkpoint_step)
     assert len(steps) >= 2, steps  # the demo's qwen2-tiny-l1 run has two steps
     extra = [
@@ -113,6 +115,7 @@ def served(
          "layer": 1},
         {"id": FALLBACK, "name": FALLBACK, "checkpoint": str(fallback_dir), "layer": 1},
         {"id": OLDER, "name": OLDER, "checkpoint": str(steps[-2]), "layer": 1},
+        {"id": MISSING, "name": MISSING, "checkpoint": str(missing_dir), "layer": 1},
         {"id": STORM[0], "name": STORM[0], "checkpoint": str(demo / "qwen2-tiny-l0-single"),
          "layer": 0},
         {"id": STORM[1], "name": STORM[1], "checkpoint": str(demo / "qwen2-tiny-l2-first2"),
@@ -129,6 +132,7 @@ def served(
             "base_url": base_url,
             "incompatible_dir": incompatible_dir,
             "newest_fallback": steps[-1],
+            "missing_dir": missing_dir,
         }
     serve.delete(APP)
 
@@ -308,6 +312,31 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(served):
     assert FALLBACK not in replica_status()["lenses"]["failed"]
 
 
+def test_a_removed_checkpoint_is_409_and_a_preload_retries_it_at_once(served, wait_until):
+    run_dir: Path = served["missing_dir"]
+    parked = run_dir.with_name(run_dir.name + "-parked")
+    run_dir.rename(parked)
+    client = served["client"]
+    error = error_of(analyze(client, MISSING), 409, "missing_checkpoint")
+    assert MISSING in error["message"] and str(run_dir) in error["message"], error
+    assert error["detail"]["lens_id"] == MISSING, error
+    replica_id = replica_status()["replica_id"]
+    assert MISSING in replica_status()["lenses"]["failed"]
+
+    # Back in place: a preload retries now, without waiting for the back-off.
+    parked.rename(run_dir)
+    resp = client.post(f"/api/v2/groups/{GROUP}/preload", json={"lens_ids": [MISSING]})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["results"][0]["ok"], resp.json()
+    assert analyze(client, MISSING).status_code == 200
+
+    def cleared() -> bool:
+        replica = http_replica(client, GROUP, replica_id)
+        return replica is not None and MISSING not in replica["lenses"]["failed"]
+
+    wait_until(cleared, timeout_s=30, what=f"{MISSING} no longer failed in the group status")
+
+
 # --- out of memory -----------------------------------------------------------------------------
 
 
@@ -338,6 +367,7 @@ def test_load_failures_are_exported_by_reason(served, ray_cluster, wait_until):
             found[key] = found.get(key, 0.0) + sample.value
         # Counters are exported every few seconds: wait for both OOM attempts.
         is_done = found.get(("incompatible", INCOMPATIBLE), 0) >= 1
+        is_done = is_done and found.get(("missing", MISSING), 0) >= 1
         return found if is_done and found.get(("oom", BUDGET_BIG), 0) >= 2 else None
 
     found = wait_until(counted, timeout_s=90, what="ray_lens_load_failures_total exported")

@@ -313,3 +313,13 @@ def test_concurrent_lenses_on_one_base_do_not_cross_patch(demo_dir: Path, qwen_b
     for th in threads:
         th.join()
     assert together == alone
+
+
+def test_vanishing_temperature_is_the_greedy_limit(demo_dir, qwen_base):
+    lens = load_lens(demo_dir / "lenses" / "qwen2-tiny-l1", qwen_base)
+    greedy = analyze(lens, text=TEXT, options=AnalysisOptions(temperature=0, seed=1))
+    for tiny in (5e-324, 6.1e-249):
+        tiny_run = analyze(lens, text=TEXT, options=AnalysisOptions(temperature=tiny, seed=1))
+        assert [r["explanation_token_ids"] for r in tiny_run["rows"]] == [
+            r["explanation_token_ids"] for r in greedy["rows"]
+        ]
