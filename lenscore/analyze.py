@@ -6,6 +6,7 @@ scores positions batch by batch (LENS_FORMAT.md §Metrics per position, §Result
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -82,14 +83,7 @@ def analyze(
     positions = select_positions(tokens, options)
     seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(7), "big")
     batch_size = options.batch_size or DEFAULT_BATCH_SIZE
-    resolved = AnalysisOptions(
-        **{
-            **options.to_dict(),
-            "seed": seed,
-            "batch_size": batch_size,
-            "positions": options.positions,
-        }
-    )
+    resolved = dataclasses.replace(options, seed=seed, batch_size=batch_size)
     ids = torch.tensor([tokens.ids], device=lens.activation_model.device)  # [1, T]
     try:
         with torch.no_grad():
@@ -155,10 +149,10 @@ def _explain(
     if k == 1:
         gens = None
         if options.temperature > 0:
-            gens = row_generators(options.seed or 0, positions, 1, device)
+            gens = row_generators(options.seed, positions, 1, device)
         expl = decode(lens, acts, temperature=options.temperature, generators=gens)
         return expl, mse_of(acts, encode(lens, expl, current))
-    gens = row_generators(options.seed or 0, positions, k, device)
+    gens = row_generators(options.seed, positions, k, device)
     many = decode(
         lens, acts.repeat_interleave(k, 0), temperature=options.sample_temperature, generators=gens
     )  # [B*k, t]
