@@ -48,6 +48,8 @@ STATUS: dict[str, int] = {
     "corrupt_checkpoint": 409,
     "missing_checkpoint": 409,
     "checkpoint_refused": 409,
+    # Only a donor reaches a request this way (a base that fails stops its replica's start).
+    "base_unavailable": 409,
     "text_too_long": 413,
     "bad_input": 422,
     "rate_limited": 429,

@@ -119,6 +119,7 @@ class GroupServer:
         self.loads: dict[str, int] = {}  # lens id -> loads onto the device (any source)
         self.history: dict[str, _Stats] = {}  # switch kind -> time and bytes moved
         self.in_flight = 0
+        self.busy_threads = 0  # torch threads still running, cancelled requests' included
         self._registry: Any = None
         self._in_serve = self._actor_name is not None
         self._build_multiplexer(self.replica.max_lenses_per_replica)
@@ -369,13 +370,21 @@ class GroupServer:
         batches; the thread's own user count keeps the lens on the device until it returns.
         """
         resident.hold()
+        self.busy_threads += 1
         future = asyncio.ensure_future(asyncio.to_thread(work))
-        future.add_done_callback(lambda done: (resident.release(), _consume(done)))
+        future.add_done_callback(lambda done: self._work_done(resident, done))
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             stop.set()
             raise
+
+    def _work_done(self, resident: ResidentLens, done: asyncio.Future) -> None:
+        resident.release()
+        self.busy_threads -= 1
+        _consume(done)
+        if self.in_flight == 0:
+            self._publish()  # the group status shows the replica idle without waiting
 
     async def _run_with_oom_retry(
         self,
@@ -546,6 +555,7 @@ class GroupServer:
             "donors": [str(p) for p in self.donors.paths()],
             "donor_loads": self.donors.loads,
             "in_flight": self.in_flight,
+            "busy_threads": self.busy_threads,
             "switches": dict(self.switches),
             "loads": dict(self.loads),
             "load_history": {k: s.summary() for k, s in self.history.items()}

@@ -314,6 +314,9 @@ class ReplicaStatus(_Response):
     lenses: ReplicaLenses
     donors: list[str] = Field(default_factory=list)
     in_flight: int = 0
+    busy_threads: int = Field(
+        0, description="Torch threads still running, a cancelled request's until it stops."
+    )
     switches: dict[str, int] = Field(default_factory=dict)
 
 

@@ -10,6 +10,7 @@ from lenscore.checkpoint import RawCheckpoint, read_checkpoint
 from lenscore.compat import LensConfig, check_compat
 from lenscore.errors import (
     BadInput,
+    BaseLoadError,
     Cancelled,
     CheckpointCorrupt,
     CheckpointMissing,
@@ -33,6 +34,7 @@ __all__ = [
     "AnalysisOptions",
     "BadInput",
     "Base",
+    "BaseLoadError",
     "BaseInfo",
     "Cancelled",
     "CheckpointCorrupt",

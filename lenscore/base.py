@@ -21,17 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lenscore.errors import LensError
+from lenscore.errors import BaseLoadError
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class BaseLoadError(LensError):
-    """The base or donor directory cannot be read as a causal LM with a tokenizer."""
-
-    code = "base_unavailable"
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,12 @@ class CheckpointMissing(LensError):
     code = "missing_checkpoint"
 
 
+class BaseLoadError(LensError):
+    """A base or donor directory cannot be read as a causal LM with a tokenizer."""
+
+    code = "base_unavailable"
+
+
 class IncompatibleLens(LensError):
     """The lens cannot run on the given base; `detail["problems"]` lists every reason."""
 
