@@ -8,6 +8,7 @@ from lenscore.analyze import analyze, generate
 from lenscore.base import Base, BaseInfo, load_base, read_base_info
 from lenscore.checkpoint import RawCheckpoint, read_checkpoint
 from lenscore.compat import LensConfig, check_compat
+from lenscore.demo import make_demo
 from lenscore.errors import (
     BadInput,
     BaseLoadError,
@@ -22,13 +23,6 @@ from lenscore.errors import (
 )
 from lenscore.lens import Lens, load_lens
 from lenscore.options import AnalysisOptions
-
-
-def make_demo(out_dir, **kwargs):  # noqa: ANN001, ANN201, D103
-    from lenscore.demo import make_demo as _make_demo
-
-    return _make_demo(out_dir, **kwargs)
-
 
 __all__ = [
     "AnalysisOptions",
