@@ -33,6 +33,7 @@ FAILURE_REASONS = {
     "checkpoint_refused": "corrupt",
     "incompatible_lens": "incompatible",
     "missing_checkpoint": "missing",
+    "base_unavailable": "missing",  # a donor directory that cannot be loaded
     "out_of_memory": "oom",
 }
 
