@@ -61,6 +61,18 @@ def check_messages(messages: Any) -> None:
             raise BadInput(f"messages[{index}].role must be one of {', '.join(ROLES)}")
         if not isinstance(message["content"], str):
             raise BadInput(f"messages[{index}].content must be a string")
+        check_unicode(message["content"], f"messages[{index}].content")
+
+
+def check_unicode(text: str, where: str) -> None:
+    """Raise BadInput when `text` cannot be UTF-8 encoded (it holds an unpaired surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadInput(
+            f"{where} is not valid Unicode: unpaired surrogate at character {exc.start}",
+            {"field": where, "position": exc.start},
+        ) from None
 
 
 def tokenize_input(
@@ -77,6 +89,7 @@ def tokenize_input(
     if text is not None:
         if not isinstance(text, str):
             raise BadInput("text must be a string")
+        check_unicode(text, "text")
         ids = tokenize_text(tokenizer, text)
         starts = [0]
     else:

@@ -310,6 +310,16 @@ def test_text_of_under_two_tokens_is_422_from_the_replica(api: httpx.Client) -> 
     assert "Traceback" not in error["message"]
 
 
+def test_unpaired_surrogates_are_422_not_500(api: httpx.Client) -> None:
+    # Valid JSON (the escape \ud800 is legal) that no tokenizer can encode.
+    raw = b'{"text": "a\\ud800b c d"}'
+    for route in ("analyze", "generate"):
+        resp = api.post(f"/api/v2/lenses/{QWEN}/{route}", content=raw,
+                        headers={"Content-Type": "application/json"})
+        error = _error(resp, 422, "bad_input")
+        assert "unpaired surrogate" in error["message"]
+
+
 def test_text_too_long_is_413(api: httpx.Client) -> None:
     error = _error(_analyze(api, QWEN, text="x" * (MAX_TEXT_LENGTH + 1)), 413, "text_too_long")
     assert error["detail"]["max_text_length"] == MAX_TEXT_LENGTH

@@ -323,3 +323,11 @@ def test_vanishing_temperature_is_the_greedy_limit(demo_dir, qwen_base):
         assert [r["explanation_token_ids"] for r in tiny_run["rows"]] == [
             r["explanation_token_ids"] for r in greedy["rows"]
         ]
+
+
+def test_unpaired_surrogates_are_bad_input(demo_dir, qwen_base):
+    lens = load_lens(demo_dir / "lenses" / "qwen2-tiny-l1", qwen_base)
+    with pytest.raises(BadInput, match="unpaired surrogate at character 1"):
+        analyze(lens, text="a\ud800b c d")
+    with pytest.raises(BadInput, match=r"messages\[0\].content is not valid Unicode"):
+        analyze(lens, messages=[{"role": "user", "content": "hi \udfff"}])
