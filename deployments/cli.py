@@ -185,7 +185,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     from lenscore import LensConfig, read_checkpoint
 
     raw = read_checkpoint(args.checkpoint)
-    cfg = LensConfig.from_dict(raw.config)
+    try:
+        cfg = LensConfig.from_dict(raw.config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CliError(f"{raw.path}: config cannot be read: {exc}") from exc
     info = {
         "path": str(raw.path),
         "step": raw.step,

@@ -43,12 +43,18 @@ class LensConfig:
         parts = config.get("trainable_components") or {}
         dec = parts.get("decoder") or {}
         enc = parts.get("encoder") or {}
+        patch = dec.get("patch_all_layers", False)
+        if not isinstance(patch, bool | int) and patch != JUST_INPUT:
+            raise ValueError(
+                f"decoder.patch_all_layers must be true, false, an integer or "
+                f"{JUST_INPUT!r}, not {patch!r}"
+            )
         return cls(
             layer_l=int(config["layer_l"]),
             t_text=int(config["t_text"]),
             model_dtype=str(config.get("model_dtype", "float32")),
             decoder_prompt=str(config.get("decoder_prompt") or ""),
-            patch_all_layers=dec.get("patch_all_layers", False),
+            patch_all_layers=patch,
             per_layer_projections=bool(dec.get("per_layer_projections", False)),
             new_decoder=bool(dec.get("new_decoder", False)),
             decoder_base_model=bool(dec.get("base_model", False)),

@@ -116,3 +116,14 @@ def test_lens_on_another_family_base_is_refused(demo_dir, gemma_base):
         load_lens(demo_dir / "lenses" / "qwen2-tiny-l1", gemma_base, lens_id="q")
     assert str(err.value).startswith("lens q (")
     assert any(p.startswith("decoder prompt tokenizes to") for p in err.value.problems)
+
+
+def test_unreadable_patch_setting_is_a_problem_not_a_crash(rewrite, qwen_base):
+    def edit(blob):
+        blob["config"]["trainable_components"]["decoder"]["patch_all_layers"] = "all"
+
+    problems = problems_of(rewrite("qwen2-tiny-l1", edit), qwen_base)
+    assert problems == [
+        "config cannot be read: decoder.patch_all_layers must be true, false, an integer or "
+        "'just_input', not 'all'"
+    ]
