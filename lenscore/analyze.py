@@ -142,8 +142,11 @@ def _explain(
     current: torch.Tensor,
     positions: list[int],
     options: AnalysisOptions,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Explanation ids [B, t] and their mse [B]; best-of-k keeps the lowest-mse sample."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Explanation ids [B, t], their reconstructions [B, d] and mse [B].
+
+    Best-of-k keeps the lowest-mse sample of each position.
+    """
     k = options.best_of_k
     device = lens.base.device
     if k == 1:
@@ -151,15 +154,17 @@ def _explain(
         if options.temperature > 0:
             gens = row_generators(options.seed, positions, 1, device)
         expl = decode(lens, acts, temperature=options.temperature, generators=gens)
-        return expl, mse_of(acts, encode(lens, expl, current))
+        recon = encode(lens, expl, current)
+        return expl, recon, mse_of(acts, recon)
     gens = row_generators(options.seed, positions, k, device)
     many = decode(
         lens, acts.repeat_interleave(k, 0), temperature=options.sample_temperature, generators=gens
     )  # [B*k, t]
-    errors = mse_of(acts.repeat_interleave(k, 0), encode(lens, many, current.repeat_interleave(k)))
+    recons = encode(lens, many, current.repeat_interleave(k))  # [B*k, d]
+    errors = mse_of(acts.repeat_interleave(k, 0), recons)
     best = errors.view(-1, k).argmin(dim=1)  # [B]
     pick = torch.arange(len(positions), device=best.device) * k + best
-    return many[pick], errors[pick]
+    return many[pick], recons[pick], errors[pick]
 
 
 def analyze_positions(
@@ -173,7 +178,7 @@ def analyze_positions(
     index = torch.tensor(positions, device=acts.device)
     batch_acts = acts[index]  # [B, d]
     current = ids[0, index].to(lens.base.device)  # [B]
-    expl, mse = _explain(lens, batch_acts, current, positions, options)
+    expl, recon, mse = _explain(lens, batch_acts, current, positions, options)
     norm = batch_acts.float().pow(2).mean(dim=-1).sqrt()
     rel = mse.sqrt().cpu() / norm.cpu()
     sal = (
@@ -182,7 +187,7 @@ def analyze_positions(
         else None
     )
     tops = logit_lens_top(lens, batch_acts) if options.logit_lens else None
-    kls = kl_at_positions(lens, ids, positions, batch_acts, current, expl) if options.kl else None
+    kls = kl_at_positions(lens, ids, positions, recon) if options.kl else None
     return [
         _row(
             lens,

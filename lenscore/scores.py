@@ -84,17 +84,14 @@ def kl_at_positions(
     lens: Lens,
     ids: torch.Tensor,
     positions: list[int],
-    acts: torch.Tensor,
-    current: torch.Tensor,
-    expl: torch.Tensor,
+    recon: torch.Tensor,
 ) -> list[float]:
-    """KL(P_next(A) ‖ P_next(Â)) per position, Â patched after block `layer_l`.
+    """KL(P_next(A) ‖ P_next(Â)) per position, Â (`recon`, [B, d]) patched after `layer_l`.
 
     Both distributions are the activation model's real next-token distributions (its full
     forward, final soft-capping included); only the one residual vector differs.
     """
     model = lens.activation_model
-    recon = encode(lens, expl, current)  # [B, d]
     end = max(positions) + 1
     prefix = ids[:, :end].to(model.device)  # [1, end]
     reference = torch.log_softmax(model.model(input_ids=prefix).logits[0].float(), dim=-1)
