@@ -314,8 +314,11 @@ def test_unpaired_surrogates_are_422_not_500(api: httpx.Client) -> None:
     # Valid JSON (the escape \ud800 is legal) that no tokenizer can encode.
     raw = b'{"text": "a\\ud800b c d"}'
     for route in ("analyze", "generate"):
-        resp = api.post(f"/api/v2/lenses/{QWEN}/{route}", content=raw,
-                        headers={"Content-Type": "application/json"})
+        resp = api.post(
+            f"/api/v2/lenses/{QWEN}/{route}",
+            content=raw,
+            headers={"Content-Type": "application/json"},
+        )
         error = _error(resp, 422, "bad_input")
         assert "unpaired surrogate" in error["message"]
 
