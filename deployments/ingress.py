@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client import ProcessCollector as PromProcessCollector
 from ray import serve
@@ -315,6 +316,8 @@ def build_fastapi_app(state: IngressState, guard: Guard) -> FastAPI:
     install_error_handlers(app)
     for module in (health, groups, lenses, ws, metrics):
         app.include_router(module.router)
+    # The page's scripts and styles: static files only, no data, so no key (like `/`).
+    app.mount("/static", StaticFiles(directory=frontend_path().parent), name="static")
     # Starlette runs the last added middleware first: metrics, then CORS, then the size limit.
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes(state.args.max_text_length))
     add_cors(app, state.args.cors_origins)
