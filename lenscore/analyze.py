@@ -1,7 +1,8 @@
 """Per-token analysis and plain generation: the top of lenscore's data path.
 
 `analyze` reads the activation at every requested position once, then decodes, encodes and
-scores positions batch by batch (LENS_FORMAT.md §Metrics per position, §Result row).
+scores positions batch by batch (LENS_FORMAT.md §Metrics per position, §Result row). Sampled
+rows follow the seed contract of `lenscore.sampling`.
 """
 
 from __future__ import annotations
@@ -9,17 +10,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from lenscore.decode import choose_tokens, decode
+from lenscore.base import expand_cache
+from lenscore.decode import decode
 from lenscore.encode import encode
 from lenscore.errors import BadInput, Cancelled, OutOfDeviceMemory
 from lenscore.inputs import Tokens, tokenize_input
 from lenscore.lens import Lens
 from lenscore.options import AnalysisOptions
+from lenscore.sampling import SampleKeys, choose_tokens, uniforms
 from lenscore.scores import kl_at_positions, logit_lens_top, mse_of, salience
 
 DEFAULT_BATCH_SIZE = 32
@@ -45,18 +48,6 @@ def select_positions(tokens: Tokens, options: AnalysisOptions) -> list[int]:
     return list(range(total))
 
 
-def row_generators(
-    seed: int, positions: Sequence[int], samples: int, device: torch.device
-) -> list[torch.Generator]:
-    """One generator per (position, sample): draws never depend on the batch layout."""
-    gens = []
-    for position in positions:
-        for sample in range(samples):
-            mixed = (seed * 1_000_003 + position * 10_007 + sample) % (2**63)
-            gens.append(torch.Generator(device=device).manual_seed(mixed))
-    return gens
-
-
 def analyze(
     lens: Lens,
     *,
@@ -65,8 +56,13 @@ def analyze(
     options: AnalysisOptions | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    shared: bool = True,
 ) -> dict[str, Any]:
     """Explain every requested token of `text` / `messages` with `lens`.
+
+    Args:
+        shared: False runs the unshared reference path: every sampled row runs the whole
+            decoder prompt and encoder input. Same results, slower; for tests and bench.
 
     Returns:
         `{"meta": {...}, "rows": [...]}` as LENS_FORMAT.md §Result row says.
@@ -89,7 +85,9 @@ def analyze(
         with torch.no_grad():
             acts = lens.activation_model.capture(ids, lens.config.layer_l)[0]  # [T, d]
             read_at = time.perf_counter()
-            rows = _analyze_batches(lens, ids, acts, positions, resolved, on_progress, should_stop)
+            rows = _analyze_batches(
+                lens, ids, acts, positions, resolved, on_progress, should_stop, shared
+            )
     except torch.OutOfMemoryError as exc:
         raise OutOfDeviceMemory(
             f"out of device memory analysing {len(positions)} positions with lens "
@@ -123,6 +121,7 @@ def _analyze_batches(
     options: AnalysisOptions,
     on_progress: Callable[[int, int], None] | None,
     should_stop: Callable[[], bool] | None,
+    shared: bool,
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     size = options.batch_size or DEFAULT_BATCH_SIZE
@@ -130,7 +129,7 @@ def _analyze_batches(
         if should_stop is not None and should_stop():
             raise Cancelled(f"analysis with lens {lens.lens_id} cancelled by the caller")
         chunk = positions[first : first + size]
-        rows += analyze_positions(lens, ids, acts, chunk, options)
+        rows += analyze_positions(lens, ids, acts, chunk, options, shared=shared)
         if on_progress is not None:
             on_progress(len(rows), len(positions))
     return rows
@@ -142,25 +141,25 @@ def _explain(
     current: torch.Tensor,
     positions: list[int],
     options: AnalysisOptions,
+    shared: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Explanation ids [B, t], their reconstructions [B, d] and mse [B].
 
-    Best-of-k keeps the lowest-mse sample of each position.
+    Best-of-k keeps the lowest-mse sample of each position. Sample j of a position is keyed
+    (seed, position, j), so best-of-1 is sample 0 of best-of-k at the same temperature.
     """
     k = options.best_of_k
-    device = lens.base.device
-    if k == 1:
-        gens = None
-        if options.temperature > 0:
-            gens = row_generators(options.seed, positions, 1, device)
-        expl = decode(lens, acts, temperature=options.temperature, generators=gens)
-        recon = encode(lens, expl, current)
-        return expl, recon, mse_of(acts, recon)
-    gens = row_generators(options.seed, positions, k, device)
+    temperature = options.temperature if k == 1 else options.sample_temperature
+    keys = None
+    if temperature > 0:
+        keys = SampleKeys.grid(options.seed, positions, k, lens.base.device)
     many = decode(
-        lens, acts.repeat_interleave(k, 0), temperature=options.sample_temperature, generators=gens
+        lens, acts, temperature=temperature, keys=keys, repeats=k, shared=shared
     )  # [B*k, t]
-    recons = encode(lens, many, current.repeat_interleave(k))  # [B*k, d]
+    if k == 1:
+        recon = encode(lens, many, current, shared=shared)
+        return many, recon, mse_of(acts, recon)
+    recons = encode(lens, many, current.repeat_interleave(k), shared=shared)  # [B*k, d]
     errors = mse_of(acts.repeat_interleave(k, 0), recons)
     best = errors.view(-1, k).argmin(dim=1)  # [B]
     pick = torch.arange(len(positions), device=best.device) * k + best
@@ -173,16 +172,19 @@ def analyze_positions(
     acts: torch.Tensor,
     positions: list[int],
     options: AnalysisOptions,
+    *,
+    shared: bool = True,
 ) -> list[dict[str, Any]]:
-    """Compute the result rows for one batch of positions."""
+    """Compute the result rows for one batch of positions (`shared`: see `analyze`)."""
     index = torch.tensor(positions, device=acts.device)
     batch_acts = acts[index]  # [B, d]
     current = ids[0, index].to(lens.base.device)  # [B]
-    expl, recon, mse = _explain(lens, batch_acts, current, positions, options)
+    expl, recon, mse = _explain(lens, batch_acts, current, positions, options, shared)
     norm = batch_acts.float().pow(2).mean(dim=-1).sqrt()
     rel = mse.sqrt().cpu() / norm.cpu()
+    size = options.batch_size or DEFAULT_BATCH_SIZE
     sal = (
-        salience(lens, batch_acts, expl, current, mse, options.batch_size or DEFAULT_BATCH_SIZE)
+        salience(lens, batch_acts, expl, current, mse, size, shared=shared)
         if options.calculate_salience
         else None
     )
@@ -250,6 +252,9 @@ def generate(
 ) -> dict[str, Any]:
     """Sample continuations from the lens's activation model (donor if any, else base).
 
+    The prompt runs once; its cache is expanded to the continuations. Continuation i draws
+    with keys (seed, i, 0) (`lenscore.sampling`).
+
     Raises:
         BadInput: bad input or bounds (max_new_tokens 1..1024, temperature 0..2,
             num_continuations 1..16).
@@ -264,17 +269,21 @@ def generate(
     tokens = tokenize_input(model.tokenizer, text, messages)
     seed = seed if seed is not None else int.from_bytes(os.urandom(7), "big")
     started = time.perf_counter()
-    ids = torch.tensor([tokens.ids] * num_continuations, device=model.device)
-    gens = row_generators(seed, range(num_continuations), 1, model.device)
+    ids = torch.tensor([tokens.ids], device=model.device)  # [1, T]
+    keys = SampleKeys.grid(seed, range(num_continuations), 1, model.device)
+    u = uniforms(keys, max_new_tokens)  # [N, max_new_tokens]
     out = []
     with torch.no_grad():
         hidden, cache = model.run_inner(ids, use_cache=True)
+        rows = torch.zeros(num_continuations, dtype=torch.int64, device=model.device)
+        cache = expand_cache(cache, rows)
+        logits = model.logits(hidden[:, -1], softcap=True)[rows]  # [N, vocab]
         for step in range(max_new_tokens):
-            logits = model.logits(hidden[:, -1], softcap=True)
-            chosen = choose_tokens(logits, temperature, gens)  # [N]
+            chosen = choose_tokens(logits, temperature, u[:, step])  # [N]
             out.append(chosen)
             if step + 1 < max_new_tokens:
                 hidden, cache = model.run_inner(chosen[:, None], cache=cache, use_cache=True)
+                logits = model.logits(hidden[:, -1], softcap=True)
     new_ids = torch.stack(out, dim=1).tolist()
     conts = [
         {"text": model.tokenizer.decode(row, skip_special_tokens=False), "token_ids": row}

@@ -162,10 +162,12 @@ class Base:
         finally:
             self._plans.pre, self._plans.post = old
 
-    def capture(self, embeds_or_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    def capture(self, embeds_or_ids: torch.Tensor, layer: int, cache: Any = None) -> torch.Tensor:
         """Output of decoder block `layer` (the residual stream after it), [B, seq, d].
 
-        Stops the forward after that block: later layers cannot change it.
+        Stops the forward after that block: later layers cannot change it. With `cache` (a
+        prefix's KV cache of B rows, e.g. from `run_inner`) the input continues that prefix;
+        the cache is left half-updated and must not be reused.
         """
         found: list[torch.Tensor] = []
 
@@ -173,10 +175,12 @@ class Base:
             found.append(hidden)
             raise _StopForward
 
-        kwargs = self._input_kwargs(embeds_or_ids)
+        kwargs: dict[str, Any] = {**self._input_kwargs(embeds_or_ids), "use_cache": False}
+        if cache is not None:
+            kwargs.update({self._cache_kw: cache, "use_cache": True})
         with self.hooked(post={layer: grab}):
             try:
-                self.inner(use_cache=False, **kwargs)
+                self.inner(**kwargs)
             except _StopForward:
                 pass
         return found[0]
@@ -245,10 +249,37 @@ class Base:
             new_cache = getattr(out, "past_key_values", None)
         return out.last_hidden_state, new_cache
 
+    def prefix_cache(self, embeds: torch.Tensor, rows: int) -> Any:
+        """KV cache of one shared prefix, computed once and expanded to `rows` rows.
+
+        Args:
+            embeds: layer-0 input of the prefix, [seq, d] (already scaled).
+            rows: batch size of the passes that continue it.
+
+        """
+        _, cache = self.run_inner(embeds[None], use_cache=True)
+        return expand_cache(cache, torch.zeros(rows, dtype=torch.int64, device=embeds.device))
+
     def to(self, device: str | torch.device) -> Base:
         """Move the weights (in place) and return self."""
         self.model.to(device)
         return self
+
+
+def expand_cache(cache: Any, rows: torch.Tensor) -> Any:
+    """Make row i of `cache` a copy of its row `rows[i]`, in place; returns the cache.
+
+    Args:
+        cache: a transformers KV cache (full, sliding-window or hybrid layers).
+        rows: [N] int64 source rows; N may exceed the cache's batch (expansion).
+
+    `reorder_cache` index-selects the batch dimension of every layer's keys and values and
+    leaves the per-layer window bookkeeping (`cumulative_length`) alone, which is the same
+    for every row, so Gemma 2's sliding-window layers keep masking exactly as before.
+
+    """
+    cache.reorder_cache(rows)
+    return cache
 
 
 class _StopForward(Exception):

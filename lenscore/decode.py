@@ -2,17 +2,23 @@
 
 The lens's soft prompt and projected activation go through the shared base with the KV cache;
 per-layer patching is a forward pre-hook on the base's decoder layers, never a re-implemented
-forward.
+forward. The prompt runs once per activation, not once per sample: the left prompt (the same
+for every row of a lens) runs once per batch, the slot and right prompt once per activation,
+and the cache is then expanded to the sampled rows (best-of-k: k per activation). Token
+choice follows the seed contract of `lenscore.sampling`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from lenscore.base import expand_cache
 from lenscore.lens import Lens
+from lenscore.sampling import SampleKeys, choose_tokens, uniforms
 
 
 def project(lens: Lens, acts: torch.Tensor) -> torch.Tensor:
@@ -27,25 +33,24 @@ def project(lens: Lens, acts: torch.Tensor) -> torch.Tensor:
 
 def prompt_embeds(lens: Lens, slot: torch.Tensor) -> torch.Tensor:
     """Layer-0 input `s · [prompt_left ; x_0 ; prompt_right]`, [B, Lp+1+Rp, d]."""
-    base = lens.base
     left = lens.tensors["prompt_left"]  # [Lp, d]
-    right = lens.tensors["prompt_right"]  # [Rp, d]
     batch = slot.shape[0]
-    rows = torch.cat(
-        [
-            left.expand(batch, -1, -1),
-            slot[:, None].to(left.dtype),
-            right.expand(batch, -1, -1),
-        ],
-        dim=1,
-    )
-    return rows.to(base.dtype) * base.embed_scale
+    rows = torch.cat([left.expand(batch, -1, -1), _slot_and_right(lens, slot)], dim=1)
+    return rows.to(lens.base.dtype) * lens.base.embed_scale
 
 
-def _patch_plan(lens: Lens, slots: torch.Tensor) -> dict[int, Callable]:
-    """Pre-hooks that overwrite the activation slot entering each patched layer, unscaled."""
+def _slot_and_right(lens: Lens, slot: torch.Tensor) -> torch.Tensor:
+    right = lens.tensors["prompt_right"]  # [Rp, d]
+    return torch.cat([slot[:, None].to(right.dtype), right.expand(slot.shape[0], -1, -1)], dim=1)
+
+
+def _patch_plan(lens: Lens, slots: torch.Tensor, at: int) -> dict[int, Callable]:
+    """Pre-hooks that overwrite the activation slot entering each patched layer, unscaled.
+
+    `at` is the slot's index in the chunk the hooks see (Lp for the whole prompt, 0 when
+    the left prompt is already in the cache). The hooks are active for the prompt pass only.
+    """
     cfg = lens.config
-    embed_pos = lens.tensors["prompt_left"].shape[0]
     n_patch = cfg.patched_layers(len(lens.base.layers))
 
     def make(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -53,10 +58,8 @@ def _patch_plan(lens: Lens, slots: torch.Tensor) -> dict[int, Callable]:
         value = slots[row]  # [B, d]
 
         def patch(hidden: torch.Tensor) -> torch.Tensor:
-            if hidden.shape[1] <= embed_pos:
-                return hidden  # a cached generation step, not the prompt pass
             hidden = hidden.clone()
-            hidden[:, embed_pos] = value.to(hidden.dtype)
+            hidden[:, at] = value.to(hidden.dtype)
             return hidden
 
         return patch
@@ -64,21 +67,39 @@ def _patch_plan(lens: Lens, slots: torch.Tensor) -> dict[int, Callable]:
     return {layer: make(layer) for layer in range(n_patch)}
 
 
-def choose_tokens(
-    logits: torch.Tensor, temperature: float, generators: Sequence[torch.Generator] | None
-) -> torch.Tensor:
-    """Pick one token per row: argmax at temperature 0, else a per-row seeded draw."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if not torch.isfinite(probs).all():
-        # A temperature so small that logits / T overflows: its limit is the argmax.
-        return logits.argmax(dim=-1)
-    if generators is None:
-        return torch.multinomial(probs, 1)[:, 0]
-    # One generator per row, so a row's draw does not depend on what else is in the batch.
-    picks = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
-    return torch.cat(picks)
+def _prompt_pass_shared(lens: Lens, slots: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Last prompt position's hidden state [B, d] and the prompt cache (B rows).
+
+    The left prompt precedes the slot, so under the causal mask it is the same for every row
+    and no patch touches it: one row computes it, the cache copies it to B rows.
+    """
+    base = lens.base
+    left = lens.tensors["prompt_left"]  # [Lp, d]
+    batch = slots.shape[1]
+    cache = None
+    if left.shape[0] > 0:
+        cache = base.prefix_cache(left.to(base.dtype) * base.embed_scale, batch)
+    rest = _slot_and_right(lens, slots[0]).to(base.dtype) * base.embed_scale  # [B, 1+Rp, d]
+    with base.hooked(pre=_patch_plan(lens, slots, at=0)):
+        hidden, cache = base.run_inner(rest, cache=cache, use_cache=True)
+    return hidden[:, -1], cache
+
+
+def _prompt_pass_unshared(lens: Lens, slots: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Run the reference prompt pass: every row runs the whole prompt (as before issue 12)."""
+    base = lens.base
+    embed_pos = lens.tensors["prompt_left"].shape[0]
+    with base.hooked(pre=_patch_plan(lens, slots, at=embed_pos)):
+        hidden, cache = base.run_inner(prompt_embeds(lens, slots[0]), use_cache=True)
+    return hidden[:, -1], cache
+
+
+def _source_rows(repeats: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """Activation row of each sampled row, [N] int64, activation-major."""
+    index = torch.arange(batch, device=device)
+    if isinstance(repeats, int):
+        return index.repeat_interleave(repeats)
+    return index.repeat_interleave(repeats.to(device))
 
 
 @torch.no_grad()
@@ -86,30 +107,51 @@ def decode(
     lens: Lens,
     acts: torch.Tensor,
     *,
-    temperature: float = 0.0,
-    generators: Sequence[torch.Generator] | None = None,
+    temperature: float | torch.Tensor = 0.0,
+    keys: SampleKeys | None = None,
+    repeats: int | torch.Tensor = 1,
+    shared: bool = True,
 ) -> torch.Tensor:
-    """Generate exactly `t_text` explanation ids per activation.
+    """Generate exactly `t_text` explanation ids per sampled row.
 
     Args:
         acts: activations at the lens's layer, [B, d].
-        temperature: 0 = argmax.
-        generators: one per row for seeded sampling.
+        temperature: 0 = argmax; one value, or [N] per sampled row.
+        keys: randomness keys of the N sampled rows (`lenscore.sampling`); None draws from
+            torch's global RNG.
+        repeats: sampled rows per activation: one k for all, or [B] int64 counts.
+        shared: False runs the unshared reference path (every row runs the whole prompt);
+            it chooses the same tokens and serves tests and bench/bestofk.py.
 
     Returns:
-        Token ids, [B, t_text] int64 on the base's device.
+        Token ids, [N, t_text] int64 on the base's device, N = B·k (or sum of repeats);
+        row i·k + j is sample j of activation i.
 
     """
     base = lens.base
     slots = project(lens, acts)  # [P, B, d]
-    embeds = prompt_embeds(lens, slots[0])
-    with base.hooked(pre=_patch_plan(lens, slots)):
-        hidden, cache = base.run_inner(embeds, use_cache=True)
+    batch = slots.shape[1]
+    source = _source_rows(repeats, batch, slots.device)  # [N]
+    expand = not (isinstance(repeats, int) and repeats == 1)
+    if shared:
+        hidden, cache = _prompt_pass_shared(lens, slots)
+        # The k rows of one activation are identical until their first draw: expand only
+        # the cache and the first logits, never the prompt pass.
+        logits = base.logits(hidden)  # [B, vocab]
+        if expand:
+            logits = logits[source.to(logits.device)]
+            cache = expand_cache(cache, source.to(base.device))
+    else:
+        many = slots[:, source] if expand else slots  # [P, N, d]
+        hidden, cache = _prompt_pass_unshared(lens, many)
+        logits = base.logits(hidden)  # [N, vocab]
+    steps = lens.config.t_text
+    u = uniforms(keys, steps).to(logits.device) if keys is not None else None  # [N, t]
     chosen = []
-    for step in range(lens.config.t_text):
-        logits = base.logits(hidden[:, -1])  # [B, vocab]
-        tokens = choose_tokens(logits, temperature, generators)  # [B]
+    for step in range(steps):
+        tokens = choose_tokens(logits, temperature, None if u is None else u[:, step])  # [N]
         chosen.append(tokens)
-        if step + 1 < lens.config.t_text:
+        if step + 1 < steps:
             hidden, cache = base.run_inner(tokens[:, None], cache=cache, use_cache=True)
+            logits = base.logits(hidden[:, -1])
     return torch.stack(chosen, dim=1)

@@ -1,4 +1,8 @@
-"""Encoder: explanation ids -> reconstructed activation Â (LENS_FORMAT.md §Encoding)."""
+"""Encoder: explanation ids -> reconstructed activation Â (LENS_FORMAT.md §Encoding).
+
+The soft prompt before the explanation is the same for every row of a lens: it runs once
+per call and every row continues it through the KV cache.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,31 @@ import torch
 import torch.nn.functional as F
 
 from lenscore.lens import Lens
+
+
+def _tail_embeds(
+    lens: Lens, explanation_ids: torch.Tensor, current_ids: torch.Tensor | None
+) -> torch.Tensor:
+    """Layer-0 input after the soft prompt: `s · [explanation ; postfix ; current + special]`."""
+    base, tensors, cfg = lens.base, lens.tensors, lens.config
+    scale = base.embed_scale
+    batch = explanation_ids.shape[0]
+    parts = [base.embed_ids(explanation_ids)]
+    if "soft_postfix" in tensors:
+        parts.append(tensors["soft_postfix"].to(base.dtype).expand(batch, -1, -1) * scale)
+    if cfg.add_current_token:
+        if current_ids is None:
+            raise ValueError("this lens adds the current token: pass current_ids")
+        parts.append(base.embed_ids(current_ids[:, None]))
+    embeds = torch.cat(parts, dim=1)
+    if "special_vector" in tensors:
+        embeds[:, -1] = embeds[:, -1] + tensors["special_vector"].to(base.dtype) * scale
+    return embeds
+
+
+def _soft_embeds(lens: Lens) -> torch.Tensor:
+    """Scale the soft prompt like embedded tokens, [S, d]."""
+    return lens.tensors["soft_prompt"].to(lens.base.dtype) * lens.base.embed_scale
 
 
 def encoder_embeds(
@@ -21,34 +50,34 @@ def encoder_embeds(
         [B, S + t + S2 (+1), d] in the base's dtype.
 
     """
-    base, tensors, cfg = lens.base, lens.tensors, lens.config
-    scale = base.embed_scale
-    batch = explanation_ids.shape[0]
-    parts = [tensors["soft_prompt"].to(base.dtype).expand(batch, -1, -1) * scale]
-    parts.append(base.embed_ids(explanation_ids))
-    if "soft_postfix" in tensors:
-        parts.append(tensors["soft_postfix"].to(base.dtype).expand(batch, -1, -1) * scale)
-    if cfg.add_current_token:
-        if current_ids is None:
-            raise ValueError("this lens adds the current token: pass current_ids")
-        parts.append(base.embed_ids(current_ids[:, None]))
-    embeds = torch.cat(parts, dim=1)
-    if "special_vector" in tensors:
-        embeds[:, -1] = embeds[:, -1] + tensors["special_vector"].to(base.dtype) * scale
-    return embeds
+    tail = _tail_embeds(lens, explanation_ids, current_ids)
+    soft = _soft_embeds(lens).expand(tail.shape[0], -1, -1)
+    return torch.cat([soft, tail], dim=1)
 
 
 @torch.no_grad()
 def encode(
-    lens: Lens, explanation_ids: torch.Tensor, current_ids: torch.Tensor | None = None
+    lens: Lens,
+    explanation_ids: torch.Tensor,
+    current_ids: torch.Tensor | None = None,
+    *,
+    shared: bool = True,
 ) -> torch.Tensor:
-    """Reconstruct activations from explanations, [B, d] float32."""
+    """Reconstruct activations from explanations, [B, d] float32.
+
+    `shared=False` runs every row's whole input (the reference path of tests and bench).
+    """
     base = lens.base
-    embeds = encoder_embeds(lens, explanation_ids, current_ids)
     layer = lens.config.encoder_layer(len(base.layers))
+    soft = _soft_embeds(lens)  # [S, d]
     if layer == -2:
-        hidden = embeds[:, -1]  # the input of block 0
+        hidden = _tail_embeds(lens, explanation_ids, current_ids)[:, -1]  # input of block 0
+    elif shared and soft.shape[0] > 0:
+        tail = _tail_embeds(lens, explanation_ids, current_ids)  # [B, t + S2 (+1), d]
+        cache = base.prefix_cache(soft, tail.shape[0])
+        hidden = base.capture(tail, layer, cache=cache)[:, -1]  # [B, d]
     else:
+        embeds = encoder_embeds(lens, explanation_ids, current_ids)
         hidden = base.capture(embeds, layer)[:, -1]  # [B, d]
     hidden = hidden.float()
     if not lens.config.use_projection_layer:

@@ -29,6 +29,8 @@ def salience(
     current: torch.Tensor,
     mse: torch.Tensor,
     batch_size: int,
+    *,
+    shared: bool = True,
 ) -> list[list[float]]:
     """`(mse_i - mse) / (mse + 1e-9)` with explanation token i blanked, [B][t].
 
@@ -36,7 +38,7 @@ def salience(
         acts: the activations explained, [B, d]. expl: their explanations, [B, t].
         current: the analysed token per row, [B]. mse: the full explanation's mse, [B].
 
-    A slot that already holds the null token gets exactly 0.
+    A slot that already holds the null token gets exactly 0. `shared` is `encode`'s.
 
     """
     batch, t = expl.shape
@@ -50,7 +52,7 @@ def salience(
     step = max(batch_size, 1) * t
     for first in range(0, batch * t, step):
         rows = slice(first, first + step)
-        errors.append(mse_of(targets[rows], encode(lens, flat[rows], cur[rows])))
+        errors.append(mse_of(targets[rows], encode(lens, flat[rows], cur[rows], shared=shared)))
     blanked = torch.cat(errors).view(batch, t)  # [B, t]
     full = mse.to(blanked.device)[:, None]
     scores = (blanked - full) / (full + 1e-9)
