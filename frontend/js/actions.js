@@ -488,10 +488,21 @@ export function createActions(store, api) {
     }
   }
 
+  function saveNow() {
+    clearTimeout(saveTimer);
+    saveTimer = null;
+    saveTabs(store.state.tabs, store.state.activeTabId);
+  }
+
   function saveSoon() {
     clearTimeout(saveTimer);
-    saveTimer = setTimeout(() => saveTabs(store.state.tabs, store.state.activeTabId), 200);
+    saveTimer = setTimeout(saveNow, 200);
   }
+
+  // A reload or a closed window must not lose the last rename or result still waiting to be saved.
+  window.addEventListener("pagehide", () => {
+    if (saveTimer !== null) saveNow();
+  });
 
   function restoreTabs() {
     const saved = loadTabs();

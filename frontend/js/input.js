@@ -19,7 +19,7 @@ function numberInput(store, group, name, label, { step = "1", placeholder = "", 
     step,
     placeholder,
     "aria-label": label,
-    dataset: { testid: `opt-${name}` },
+    dataset: { testid: `${group === "options" ? "opt" : "gen"}-${name}` },
     value: store.state.input[group][name],
     oninput: (event) => {
       store.state.input[group][name] = event.target.value;

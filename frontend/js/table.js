@@ -88,7 +88,9 @@ export function renderTable(container, rows, { domain, columns, onCopy, onRender
   const header = h(
     "div",
     { class: "trow thead", role: "row" },
-    COLUMNS.map((c) => h("div", { class: `cell c-${c.name}${c.numeric ? " num" : ""}`, role: "columnheader" }, c.label)),
+    COLUMNS.map((c) =>
+      h("div", { class: `cell c-${c.name}${c.numeric ? " num" : ""}`, role: "columnheader", dataset: { column: c.name } }, c.label),
+    ),
   );
   const body = h("div", { class: "tbody", role: "rowgroup" });
   const table = h(
