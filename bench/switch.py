@@ -31,8 +31,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from deployments.config import load_groups  # noqa: E402
-from deployments.group import GroupServer  # noqa: E402
+from deployments.group_files import load_groups  # noqa: E402
+from deployments.replica.server import GroupServer  # noqa: E402
 from lenscore import read_checkpoint  # noqa: E402
 from lenscore.demo import make_demo  # noqa: E402
 
@@ -112,8 +112,8 @@ async def measure_group(group: Any, repeats: int) -> list[dict[str, Any]]:
         assert switch["kind"] == "hit", switch
         rows["hit"].append((seconds, switch["seconds"]))
     # b is on the device, a in the host tier: bytes moved per switch average over both.
-    lens_bytes = (server.device_lenses()[0].nbytes + server.host.nbytes) / 2
-    base_bytes = server.base_bytes
+    lens_bytes = (server.residency.slots.resident()[0].nbytes + server.residency.host.nbytes) / 2
+    base_bytes = server.residency.base_bytes
     raw = statistics.median(raw_reads)
     moved = {"fresh": base_bytes + lens_bytes, "disk": lens_bytes, "host": lens_bytes, "hit": 0}
     table = []

@@ -1,5 +1,8 @@
 """The Serve application builder: one group deployment per group file, plus the ingress.
 
+Data path: `Ingress` (deployments/ingress/) -> one `GroupServer` deployment per group
+(deployments/replica/) -> lenscore.
+
 `deployments.app:build_app` is the `import_path` of serve_config.yaml; this is the only module
 that calls `serve.deployment` and `.bind` (STYLE §1).
 """
@@ -11,8 +14,11 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.config import AppArgs, GroupSpec, load_groups
-from deployments.group import GroupServer
+from deployments.checks import check_group_files
+from deployments.config import AppArgs, GroupConfigError, GroupSpec
+from deployments.group_files import load_groups
+from deployments.ingress.server import build_ingress_deployment_class
+from deployments.replica.server import GroupServer
 
 INGRESS_NAME = "Ingress"
 
@@ -39,10 +45,11 @@ def build_app(args: dict[str, Any]) -> Application:
         GroupConfigError: a group file is invalid (every problem listed).
 
     """
-    from deployments.ingress import build_ingress_deployment_class
-
     app_args = AppArgs.model_validate(args)
     groups = load_groups(app_args.groups_dir)
+    problems = [p for g in groups for p in check_group_files(g, str(g.source_file))]
+    if problems:
+        raise GroupConfigError(problems)
     handles = {
         group.group_id: serve.deployment(
             GroupServer, name=group.group_id, **group_deployment_options(group)

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["k8s", "render"]:
         # render has its own parser (deployments/k8s.py); hand it every remaining option.
-        from deployments.k8s import render_main
+        from deployments.ops.k8s import render_main
 
         return render_main(argv[2:])
     parser = _parser()
@@ -239,7 +239,7 @@ def run_make_demo(args: argparse.Namespace) -> int:
 
 def run_validate(args: argparse.Namespace) -> int:
     """Print one line per problem in the group files; exit 2 if any."""
-    from deployments.config import validate_groups
+    from deployments.checks import validate_groups
 
     problems = validate_groups(args.groups_dir)
     for problem in problems:

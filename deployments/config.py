@@ -3,8 +3,8 @@
 The edge of the data path: `build_app` and `lens-serve validate` turn YAML into these frozen
 objects once; replicas and the ingress receive validated objects, never raw dicts. This is the
 only module that reads environment variables. Rules: DESIGN.md §Model groups, STYLE.md §5.
-Over 400 lines on purpose: the models and the on-disk checks are the one rule set that
-`lens-serve validate` and `build_app` share, and reading them together is the point.
+`group_files.py` reads the files into these models; `checks.py` checks what they name on
+disk (bases, donors, checkpoints).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -24,7 +23,6 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -33,14 +31,12 @@ from pydantic import (
 logger = logging.getLogger(__name__)
 
 GIB = 1024**3
-GROUP_FILE_SUFFIXES = (".yaml", ".yml")
 API_KEYS_ENV = "LENS_SERVE_API_KEYS"
 # Lens and donor ids travel in URL paths and as Serve multiplexed model ids.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 # A group id is also a Serve deployment name; lower case keeps it apart from `Ingress`.
 GROUP_ID_PATTERN = r"^[a-z0-9][a-z0-9.-]*$"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_RELATIVE_FIELD = re.compile(r"^[A-Za-z_][\w.\[\]]*: ")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class GroupConfigError(ValueError):
@@ -64,7 +60,7 @@ def _resolve_path(value: Any, info: ValidationInfo) -> Any:
     resolved = Path(os.path.abspath(Path(base_dir) / path))
     # DESIGN: "hub ids only if already cached": keep `org/name` as given when no such
     # directory exists next to the group file.
-    if not resolved.exists() and _HUB_ID.match(str(value)):
+    if not resolved.exists() and HUB_ID.match(str(value)):
         return path
     return resolved
 
@@ -272,7 +268,7 @@ def _id_problems(donor_ids: list[Any], lenses: list[tuple[Any, Any]]) -> list[st
     return problems
 
 
-def _raw_id_problems(data: dict[str, Any]) -> list[str]:
+def raw_id_problems(data: dict[str, Any]) -> list[str]:
     """Run `_id_problems` on raw YAML data, skipping entries too malformed to read."""
     donors = data.get("donors") if isinstance(data.get("donors"), list) else []
     lenses = data.get("lenses") if isinstance(data.get("lenses"), list) else []
@@ -332,223 +328,3 @@ def api_keys_from_env(args: AppArgs) -> set[str]:
             if line and not line.startswith("#"):
                 keys.add(line)
     return keys
-
-
-def _loc_text(loc: tuple[int | str, ...]) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def _format_validation_error(shown: str, exc: ValidationError) -> list[str]:
-    """Turn pydantic's errors into `file: field: message` lines."""
-    lines = []
-    for err in exc.errors(include_url=False):
-        prefix = _loc_text(err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        for part in msg.splitlines():
-            # Our model validators start each line with the field path relative to the model
-            # they check; join it to where that model sits in the file.
-            if err["type"] == "value_error" and _RELATIVE_FIELD.match(part):
-                part_field, _, text = part.partition(": ")
-                field = f"{prefix}.{part_field}" if prefix else part_field
-                lines.append(f"{shown}: {field}: {text}")
-            else:
-                lines.append(f"{shown}: {prefix}: {part}" if prefix else f"{shown}: {part}")
-    return lines
-
-
-def _read_group_file(path: Path, shown: str) -> tuple[GroupSpec | None, list[str]]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        return None, [f"{shown}: cannot read: {exc}"]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        why = getattr(exc, "problem", None) or str(exc)
-        return None, [f"{shown}: not valid YAML{where}: {why}"]
-    if not isinstance(data, dict):
-        return None, [f"{shown}: expected a mapping at the top level, got {type(data).__name__}"]
-    if "source_file" in data:
-        return None, [f"{shown}: source_file: Extra inputs are not permitted"]
-    data["source_file"] = Path(os.path.abspath(path))
-    try:
-        group = GroupSpec.model_validate(data, context={"base_dir": data["source_file"].parent})
-    except ValidationError as exc:
-        problems = _format_validation_error(shown, exc)
-        # Pydantic runs the after-validator only when every field parsed; report the id
-        # problems anyway so one run shows all of them.
-        if not any(e["loc"] == () for e in exc.errors()):
-            problems += [f"{shown}: {line}" for line in _raw_id_problems(data)]
-        return None, problems
-    return group, []
-
-
-def _group_files(groups_dir: Path) -> list[Path]:
-    return sorted(p for p in groups_dir.iterdir() if p.suffix in GROUP_FILE_SUFFIXES)
-
-
-def load_groups(groups_dir: Path | str, *, check_checkpoints: bool = True) -> list[GroupSpec]:
-    """Read and validate every group file in `groups_dir`.
-
-    Args:
-        groups_dir: directory holding `*.yaml` / `*.yml` group files.
-        check_checkpoints: also read base configs, donors and every checkpoint
-            (lenscore) and check compatibility; off, only the files themselves are checked.
-
-    Returns:
-        The groups, ordered by file name.
-
-    Raises:
-        GroupConfigError: listing every problem found, one `file: field: message` line each.
-
-    """
-    groups_dir = Path(groups_dir)
-    if not groups_dir.is_dir():
-        raise GroupConfigError([f"{groups_dir}: not a directory"])
-    loaded: list[tuple[GroupSpec, str]] = []
-    problems: list[str] = []
-    files = _group_files(groups_dir)
-    if not files:
-        problems.append(f"{groups_dir}: no group files (*.yaml)")
-    for path in files:
-        group, errors = _read_group_file(path, str(path))
-        problems += errors
-        if group is not None:
-            loaded.append((group, str(path)))
-    problems += _cross_group_problems(loaded)
-    if check_checkpoints:
-        for group, shown in loaded:
-            problems += check_group_files(group, shown)
-    if problems:
-        raise GroupConfigError(problems)
-    return [group for group, _ in loaded]
-
-
-def _cross_group_problems(loaded: list[tuple[GroupSpec, str]]) -> list[str]:
-    """Group ids unique across files and lens ids unique across all groups."""
-    problems = []
-    group_owner: dict[str, str] = {}
-    lens_owner: dict[str, str] = {}
-    for group, shown in loaded:
-        if group.group_id in group_owner:
-            problems.append(
-                f"{shown}: group_id: duplicate group id {group.group_id!r} "
-                f"(also in {group_owner[group.group_id]})"
-            )
-        group_owner.setdefault(group.group_id, shown)
-        for i, lens in enumerate(group.lenses):
-            if lens.lens_id in lens_owner and lens_owner[lens.lens_id] != shown:
-                problems.append(
-                    f"{shown}: lenses[{i}].id: lens id {lens.lens_id!r} is already used in "
-                    f"{lens_owner[lens.lens_id]}; lens ids must be unique across all groups"
-                )
-            lens_owner.setdefault(lens.lens_id, shown)
-    return problems
-
-
-def validate_groups(groups_dir: Path | str) -> list[str]:
-    """Return every problem of the group files in `groups_dir`, one line each; [] when fine."""
-    try:
-        load_groups(groups_dir, check_checkpoints=True)
-    except GroupConfigError as exc:
-        return exc.problems
-    return []
-
-
-def _check_readable(path: Path, field: str, shown: str) -> str | None:
-    """Return a problem line when `path` is missing or unreadable, else None."""
-    if not path.exists():
-        return f"{shown}: {field}: {path} does not exist"
-    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
-        return f"{shown}: {field}: {path} is not readable"
-    return None
-
-
-def _is_cached_hub_id(path: Path) -> bool:
-    if path.is_absolute() or not _HUB_ID.match(str(path)):
-        return False
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(str(path), "config.json"), str)
-
-
-def check_group_files(group: GroupSpec, shown: str) -> list[str]:
-    """Check one group's base, donors and checkpoints on disk, with lenscore; [] when fine.
-
-    `shown` is the file name used at the start of each line.
-    """
-    from lenscore import LensError, read_base_info
-
-    base_info = None
-    problem = None
-    if not _is_cached_hub_id(group.base_model):
-        problem = _check_readable(group.base_model, "base_model", shown)
-    if problem:
-        problems = [problem]
-    else:
-        problems = []
-        try:
-            base_info = read_base_info(group.base_model)
-        except (LensError, OSError, ValueError) as exc:
-            problems.append(f"{shown}: base_model: cannot read {group.base_model}: {exc}")
-    for i, donor in enumerate(group.donors):
-        problems += _check_donor(donor, base_info, f"donors[{i}].path", shown)
-    for i, lens in enumerate(group.lenses):
-        problems += _check_lens(lens, base_info, f"lenses[{i}]", shown)
-    return problems
-
-
-def _check_donor(donor: DonorSpec, base_info: Any, field: str, shown: str) -> list[str]:
-    from lenscore import LensError, read_base_info
-
-    problem = _check_readable(donor.path, field, shown)
-    if problem:
-        return [problem]
-    try:
-        info = read_base_info(donor.path)
-    except (LensError, OSError, ValueError) as exc:
-        return [f"{shown}: {field}: cannot read donor {donor.donor_id!r}: {exc}"]
-    if base_info is None:
-        return []
-    problems = []
-    for attr, what in (
-        ("model_type", "model_type"),
-        ("d", "hidden size"),
-        ("n_layers", "layer count"),
-        ("vocab_size", "vocabulary size"),
-    ):
-        mine, base = getattr(info, attr), getattr(base_info, attr)
-        if mine != base:
-            problems.append(
-                f"{shown}: {field}: donor {donor.donor_id!r} has {what} {mine!r}, "
-                f"the base has {base!r}"
-            )
-    return problems
-
-
-def _check_lens(lens: LensSpec, base_info: Any, field: str, shown: str) -> list[str]:
-    from lenscore import LensError, check_compat, read_checkpoint
-
-    problem = _check_readable(lens.checkpoint, f"{field}.checkpoint", shown)
-    if problem:
-        return [problem]
-    try:
-        raw = read_checkpoint(lens.checkpoint)
-    except LensError as exc:
-        return [f"{shown}: {field}.checkpoint: {exc.message}"]
-    for skipped, why in raw.fell_back_from:
-        logger.warning(
-            "%s: %s.checkpoint: skipped %s (%s), using %s", shown, field, skipped, why, raw.path
-        )
-    problems = []
-    if raw.layer_l != lens.layer:
-        problems.append(
-            f"{shown}: {field}.layer: {lens.layer} does not match the checkpoint's "
-            f"layer_l {raw.layer_l} ({raw.path})"
-        )
-    if base_info is not None:
-        problems += [f"{shown}: {field}.checkpoint: {p}" for p in check_compat(raw, base_info)]
-    return problems

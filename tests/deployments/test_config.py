@@ -11,15 +11,15 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from deployments import config
+from deployments.checks import validate_groups
 from deployments.config import (
     AppArgs,
     GroupConfigError,
     ReplicaConfig,
     ReplicaSpec,
     api_keys_from_env,
-    load_groups,
-    validate_groups,
 )
+from deployments.group_files import load_groups
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,8 +72,13 @@ def write_groups(tmp_path: Path, files: dict[str, object]) -> Path:
 
 
 def problems_of(groups_dir: Path, check_checkpoints: bool = True) -> list[str]:
+    """Every problem: of the files and what they name (validate), or of the files alone."""
+    if check_checkpoints:
+        problems = validate_groups(groups_dir)
+        assert problems, "validate_groups found no problem"
+        return problems
     with pytest.raises(GroupConfigError) as info:
-        load_groups(groups_dir, check_checkpoints=check_checkpoints)
+        load_groups(groups_dir)
     assert str(info.value).count("\n") == len(info.value.problems)
     return info.value.problems
 
@@ -109,7 +114,7 @@ def test_demo_groups_resolve_paths_against_the_group_file(demo_groups: Path):
 
 
 def test_demo_groups_are_small_enough_to_exercise_the_host_tier():
-    for group in load_groups(REPO / "groups", check_checkpoints=False):
+    for group in load_groups(REPO / "groups"):
         assert group.dtype == "float32"
         assert group.replica.max_lenses_per_replica == 2
         assert group.replica.num_gpus == 0
@@ -167,7 +172,7 @@ def test_duplicate_ids_and_unknown_donor_in_one_group(tmp_path: Path, demo_dir: 
 def test_id_problems_are_reported_next_to_field_errors(tmp_path: Path, demo_dir: Path):
     group = qwen_group(demo_dir, dtype="int8")
     group["lenses"].append(dict(group["lenses"][0]))
-    problems = problems_of(write_groups(tmp_path, {"q.yaml": group}), check_checkpoints=False)
+    problems = problems_of(write_groups(tmp_path, {"q.yaml": group}))
     assert any(": dtype: " in p for p in problems)
     assert f"{tmp_path}/g/q.yaml: lenses[1].id: duplicate lens id 'q-l1' (also lenses[0])" in (
         problems
@@ -288,7 +293,7 @@ def test_file_checks_can_be_skipped(tmp_path: Path):
         "base_model": "nowhere",
         "lenses": [{"id": "a", "name": "A", "checkpoint": "nowhere", "layer": 0}],
     }
-    [loaded] = load_groups(write_groups(tmp_path, {"x.yaml": group}), check_checkpoints=False)
+    [loaded] = load_groups(write_groups(tmp_path, {"x.yaml": group}))
     assert loaded.lens("a").checkpoint == tmp_path / "g" / "nowhere"
 
 
@@ -360,7 +365,7 @@ def test_serve_config_validates_and_names_every_group():
     )
     args = AppArgs.model_validate(app.args)
     assert args.groups_dir == Path("groups") and args.max_text_length == 20000
-    group_ids = {g.group_id for g in load_groups(REPO / args.groups_dir, check_checkpoints=False)}
+    group_ids = {g.group_id for g in load_groups(REPO / args.groups_dir)}
     names = [d["name"] for d in data["applications"][0]["deployments"]]
     # Serve refuses an override for a deployment the app does not define.
     assert set(names) == {"Ingress"} | group_ids

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.k8s import is_stale, render_main, render_text
+from deployments.ops.k8s import is_stale, render_main, render_text
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"

@@ -403,6 +403,8 @@ def test_prometheus_scrapes_ray_and_counts_switches_by_kind(
             )
         except httpx.HTTPError:
             return None  # not listening yet
+        if response.status_code != 200:
+            return None  # starting up ("Service Unavailable" until its storage is ready)
         result = response.json()["data"]["result"]
         counts = {r["metric"]["kind"]: float(r["value"][1]) for r in result}
         return counts if counts == EXPECTED_SWITCHES else None

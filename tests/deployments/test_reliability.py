@@ -166,7 +166,7 @@ def replica_status(group_id: str = GROUP) -> dict[str, Any]:
     from ray import serve
 
     handle = serve.get_deployment_handle(group_id, app_name=APP)
-    return handle.status.remote().result(timeout_s=60)
+    return handle.status.remote().result(timeout_s=60).model_dump()
 
 
 def http_replica(client: httpx.Client, group_id: str, replica_id: str) -> dict[str, Any] | None:

@@ -127,7 +127,7 @@ def _analyze(client: httpx.Client, lens_id: str, text: str = TEXT, **options: An
 
 def test_every_lenscore_error_code_has_an_http_status() -> None:
     import lenscore
-    from deployments.errors import STATUS
+    from deployments.ingress.errors import STATUS
 
     codes = {
         getattr(lenscore, name).code
@@ -142,7 +142,7 @@ def test_every_lenscore_error_code_has_an_http_status() -> None:
 def test_translate_unwraps_a_replica_lens_error() -> None:
     from ray.exceptions import RayTaskError
 
-    from deployments.errors import error_body, status_of, translate
+    from deployments.ingress.errors import error_body, status_of, translate
     from lenscore import BadInput
 
     cause = BadInput("the input has 1 token(s); at least 2 are needed", {"tokens": 1})
@@ -155,7 +155,7 @@ def test_translate_unwraps_a_replica_lens_error() -> None:
 
 
 def test_rate_limiter_refills_at_the_configured_rate() -> None:
-    from deployments.auth import RateLimiter
+    from deployments.ingress.auth import RateLimiter
 
     now = [0.0]
     limiter = RateLimiter(60, clock=lambda: now[0])  # one token a second, bursts of 60
@@ -169,7 +169,7 @@ def test_rate_limiter_refills_at_the_configured_rate() -> None:
 
 
 def test_api_keys_match_exactly() -> None:
-    from deployments.auth import Guard
+    from deployments.ingress.auth import Guard
 
     guard = Guard(["alpha-key", "beta-key"], None)
     assert guard.is_enabled
@@ -603,7 +603,11 @@ def test_the_web_page_is_served(api: httpx.Client) -> None:
     resp = api.get("/")
     assert resp.status_code == 200
     assert "text/html" in resp.headers["content-type"]
-    assert "/api/v2/lenses" in resp.text
+    assert 'src="static/js/main.js"' in resp.text
+    script = api.get("/static/js/main.js")
+    assert script.status_code == 200, script.text
+    assert "javascript" in script.headers["content-type"]
+    assert api.get("/static/../deployments/app.py").status_code == 404
 
 
 def test_a_group_scaled_to_zero_starts_on_request_and_counts_a_cold_start(

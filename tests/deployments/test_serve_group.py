@@ -83,7 +83,7 @@ def call(handle, lens_id: str, method: str, *args: Any) -> Any:
 
 
 def status(handle) -> dict[str, Any]:
-    return handle.status.remote().result(timeout_s=60)
+    return handle.status.remote().result(timeout_s=60).model_dump()
 
 
 def analyze_body() -> dict[str, Any]:
@@ -91,10 +91,10 @@ def analyze_body() -> dict[str, Any]:
 
 
 def direct_analyze(group_dir: Path, lens_id: str) -> dict[str, Any]:
-    from deployments.config import load_groups
+    from deployments.group_files import load_groups
     from lenscore import AnalysisOptions, analyze, load_base, load_lens
 
-    group = load_groups(group_dir, check_checkpoints=False)[0]
+    group = load_groups(group_dir)[0]
     spec = group.lens(lens_id)
     base = load_base(group.base_model, dtype=group.dtype)
     donor = load_base(group.donor(spec.donor).path, dtype=group.dtype) if spec.donor else None
@@ -190,13 +190,13 @@ def test_corrupt_checkpoint_fails_only_its_own_lens(served):
 def test_registry_reports_every_running_replica(served, wait_until):
     import ray
 
-    from deployments.registry import get_registry
+    from deployments.replica.registry import get_registry
 
     replica_id = status(served["handle"])["replica_id"]
 
     def reported() -> list[dict[str, Any]]:
-        found = ray.get(get_registry().group_status.remote(GROUP), timeout=30)
-        return [s for s in found if s["replica_id"] == replica_id]
+        found = ray.get(get_registry().all_status.remote(APP), timeout=30).get(GROUP, [])
+        return [s.model_dump() for s in found if s.replica_id == replica_id]
 
     (snapshot,) = wait_until(reported, timeout_s=60, what="registry snapshot")
     assert snapshot["group_id"] == GROUP

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from deployments.config import load_groups
-from deployments.group import GroupServer
+from deployments.group_files import load_groups
+from deployments.replica.server import GroupServer
 from lenscore import Cancelled, OutOfDeviceMemory, analyze
 
 LENSES = ["qwen2-tiny-l1", "qwen2-tiny-l2-first2", "qwen2-tiny-l0-single"]
@@ -22,7 +22,7 @@ GIB = 1024**3
 
 
 def make_server(write_groups, **replica: Any) -> GroupServer:
-    group = load_groups(write_groups(replica=replica), check_checkpoints=False)[0]
+    group = load_groups(write_groups(replica=replica))[0]
     return GroupServer(group, device="cpu")
 
 
@@ -31,11 +31,11 @@ def test_memory_budget_evicts_lenses_before_a_load(write_groups):
 
     async def scenario() -> None:
         await server.ensure_lens(lens_id=LENSES[0])
-        used = server.base.nbytes + server.memory()["lens_bytes"]
+        used = server.base.nbytes + server.memory().lens_bytes
         # Room for the base and one lens: the next load must evict the first.
         await server.reconfigure({"device_memory_budget_gb": (used + 1024) / GIB})
         await server.ensure_lens(lens_id=LENSES[1])
-        lenses = (await server.status())["lenses"]
+        lenses = (await server.status()).lenses.model_dump()
         assert lenses["device"] == [LENSES[1]]
         assert lenses["host"] == [LENSES[0]]
 
@@ -49,7 +49,7 @@ def test_budget_below_the_base_raises_out_of_device_memory_and_keeps_serving(wri
         await server.reconfigure({"device_memory_budget_gb": server.base.nbytes / 2 / GIB})
         with pytest.raises(OutOfDeviceMemory):
             await server.ensure_lens(lens_id=LENSES[0])
-        assert (await server.status())["lenses"]["failed"] == {}  # not the lens's fault
+        assert (await server.status()).lenses.failed == {}  # not the lens's fault
         await server.reconfigure({})
         assert (await server.analyze(BODY, lens_id=LENSES[0]))["rows"]
 
@@ -60,15 +60,15 @@ def test_an_evicted_lens_waits_for_its_last_user(write_groups):
     server = make_server(write_groups, max_lenses_per_replica=1)
 
     async def scenario() -> None:
-        async with server._using(LENSES[0]):
+        async with server.execution.using(LENSES[0]):
             load_other = asyncio.ensure_future(server.ensure_lens(lens_id=LENSES[1]))
             for _ in range(50):
                 await asyncio.sleep(0)  # let the eviction start and block
             assert not load_other.done()
-            assert LENSES[0] not in server.host
+            assert LENSES[0] not in server.residency.host
         await asyncio.wait_for(load_other, 60)
-        assert LENSES[0] in server.host
-        assert [r.lens_id for r in server.device_lenses()] == [LENSES[1]]
+        assert LENSES[0] in server.residency.host
+        assert [r.lens_id for r in server.residency.slots.resident()] == [LENSES[1]]
 
     asyncio.run(scenario())
 
@@ -97,8 +97,8 @@ def test_device_oom_evicts_idle_lenses_and_retries_with_half_the_batch(write_gro
         result = await server.analyze(BODY, lens_id=LENSES[0])
         assert result["rows"]
         assert batches == [48, 24]
-        assert [r.lens_id for r in server.device_lenses()] == [LENSES[0]]
-        assert LENSES[1] in server.host
+        assert [r.lens_id for r in server.residency.slots.resident()] == [LENSES[0]]
+        assert LENSES[1] in server.residency.host
 
     asyncio.run(scenario())
 
@@ -116,8 +116,8 @@ def test_stream_yields_progress_meta_rows_and_done(write_groups):
     assert set(kinds[:meta_at]) == {"progress"}
     assert set(kinds[meta_at + 1 : -1]) == {"row"}
     assert events[meta_at]["meta"]["switch"]["kind"] == "first"
-    assert server.in_flight == 0
-    assert server.device_lenses()[0].users == 0
+    assert server.execution.in_flight == 0
+    assert server.residency.slots.resident()[0].users == 0
 
 
 def test_closing_a_stream_stops_the_analysis_between_batches(write_groups):
@@ -132,7 +132,7 @@ def test_closing_a_stream_stops_the_analysis_between_batches(write_groups):
         outcomes.append("finished")
         return result
 
-    group = load_groups(write_groups(), check_checkpoints=False)[0]
+    group = load_groups(write_groups())[0]
     server = GroupServer(group, device="cpu", run_analysis=recording)
     body = {"text": " ".join(["word"] * 200), "options": {"temperature": 0.0, "batch_size": 1}}
 
@@ -140,7 +140,7 @@ def test_closing_a_stream_stops_the_analysis_between_batches(write_groups):
         stream = server.analyze_stream(body, lens_id=LENSES[0])
         first = await stream.__anext__()
         await stream.aclose()
-        resident = server.device_lenses()[0]
+        resident = server.residency.slots.resident()[0]
         for _ in range(2000):  # the thread finishes its current batch, then stops
             if not resident.users and outcomes:
                 break
@@ -149,5 +149,5 @@ def test_closing_a_stream_stops_the_analysis_between_batches(write_groups):
 
     assert asyncio.run(scenario()) > 50
     assert outcomes == ["cancelled"]
-    assert server.device_lenses()[0].users == 0
-    assert server.in_flight == 0
+    assert server.residency.slots.resident()[0].users == 0
+    assert server.execution.in_flight == 0

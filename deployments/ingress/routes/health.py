@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
-from deployments.errors import NotReady
-from deployments.ingress import IngressState, frontend_path
-from deployments.schemas import ErrorBody, Health
+from deployments.ingress.errors import NotReady
+from deployments.ingress.schemas import ErrorBody, Health
+from deployments.ingress.state import IngressState
 
 router = APIRouter(tags=["health"])
+
+# The static web page and its files (served at `/` and `/static`).
+FRONTEND_DIR = Path(__file__).resolve().parents[3] / "frontend"
 
 
 @router.get("/healthz", response_model=Health)
@@ -30,4 +35,4 @@ async def readyz(request: Request) -> Health:
 @router.get("/", response_class=FileResponse, include_in_schema=False)
 async def index() -> FileResponse:
     """Serve the static web page (it holds no data; every call it makes needs the key)."""
-    return FileResponse(frontend_path(), media_type="text/html")
+    return FileResponse(FRONTEND_DIR / "index.html", media_type="text/html")

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from deployments.auth import require_api_key
-from deployments.ingress import IngressState
-from deployments.schemas import AUTH_ERRORS, ErrorBody
+from deployments.ingress.auth import require_api_key
+from deployments.ingress.schemas import AUTH_ERRORS, ErrorBody
+from deployments.ingress.state import IngressState
 
 router = APIRouter(
     tags=["metrics"],

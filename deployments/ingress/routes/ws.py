@@ -20,12 +20,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, WebSocket, WebSocketDisconnect
 from pydantic import TypeAdapter, ValidationError
 
-from deployments.api.groups import preload_ids, preload_lenses
-from deployments.api.lenses import admit, open_analysis
-from deployments.auth import Guard, client_identity, presented_key, require_api_key
-from deployments.errors import STATUS, Overloaded, RateLimited, body_for
-from deployments.ingress import IngressState, cancel_quietly
-from deployments.schemas import (
+from deployments.ingress.auth import Guard, client_identity, presented_key, require_api_key
+from deployments.ingress.calls import admit, open_analysis
+from deployments.ingress.errors import STATUS, Overloaded, RateLimited, body_for
+from deployments.ingress.preload import preload_ids, preload_lenses
+from deployments.ingress.schemas import (
     PreloadRequest,
     PreloadResult,
     WsAnalyze,
@@ -34,6 +33,7 @@ from deployments.schemas import (
     WsMessage,
     WsPreload,
 )
+from deployments.ingress.state import IngressState, cancel_quietly
 
 logger = logging.getLogger("ray.serve")
 

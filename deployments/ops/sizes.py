@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deployments.config import GroupSpec
+from lenscore import LensError, read_checkpoint
 
 # Weight files counted as a model's size on disk, in order of preference.
 WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt")
@@ -47,8 +48,6 @@ def weights_bytes_on_disk(model_dir: Path) -> int:
 
 def measure_lens(checkpoint: Path) -> LensSize:
     """Read one checkpoint's tensor sizes (memory-mapped); a broken one gives its problem."""
-    from lenscore import LensError, read_checkpoint
-
     try:
         raw = read_checkpoint(checkpoint)
     except LensError as exc:

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
-from ray.serve.handle import DeploymentResponseGenerator
 
-from deployments.api.groups import residency_of
-from deployments.auth import check_text_length, require_api_key
-from deployments.errors import body_for
-from deployments.ingress import IngressState, cancel_quietly
-from deployments.schemas import (
+from deployments.ingress.auth import require_api_key
+from deployments.ingress.calls import NDJSON_MEDIA_TYPE, admit, ndjson_lines, open_analysis
+from deployments.ingress.catalog import lens_detail
+from deployments.ingress.schemas import (
     AUTH_ERRORS,
     AnalyzeRequest,
     AnalyzeResponse,
@@ -24,10 +19,8 @@ from deployments.schemas import (
     GenerateResponse,
     LensDetail,
     LensList,
-    LensSizes,
 )
-
-logger = logging.getLogger("ray.serve")
+from deployments.ingress.state import IngressState
 
 router = APIRouter(
     prefix="/api/v2/lenses",
@@ -36,38 +29,10 @@ router = APIRouter(
     responses=AUTH_ERRORS,
 )
 
-NDJSON_MEDIA_TYPE = "application/x-ndjson"
-
 # The errors a lens call can end in (STYLE §2: `/docs` shows the error shape too).
 CALL_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (400, 401, 404, 409, 413, 422, 429, 503, 504)
 }
-
-
-def lens_detail(state: IngressState, lens_id: str, replicas: list[dict[str, Any]]) -> LensDetail:
-    """One lens: group, layer, t_text, donor, sizes and residency."""
-    group = state.group_for_lens(lens_id)
-    lens = group.lens(lens_id)
-    sizes = state.sizes[group.group_id]
-    size = sizes.lenses[lens_id]
-    return LensDetail(
-        lens_id=lens_id,
-        group_id=group.group_id,
-        name=lens.name,
-        layer=lens.layer,
-        t_text=size.t_text,
-        donor=lens.donor,
-        bytes=size.tensor_bytes,
-        visible=lens.visible,
-        residency=residency_of(replicas).get(lens_id, []),
-        sizes=LensSizes(
-            lens_bytes=size.tensor_bytes,
-            checkpoint_file_bytes=size.file_bytes,
-            base_bytes=sizes.base_bytes,
-            donor_bytes=sizes.donor_bytes.get(lens.donor, 0) if lens.donor else 0,
-        ),
-        problem=size.problem,
-    )
 
 
 @router.get("", response_model=LensList, summary="Every lens id and where it is served")
@@ -95,48 +60,6 @@ async def get_lens(lens_id: str, request: Request) -> LensDetail:
     group = state.group_for_lens(lens_id)
     snapshots = await state.snapshots()
     return lens_detail(state, lens_id, snapshots.get(group.group_id, []))
-
-
-def admit(
-    state: IngressState, lens_id: str, body: AnalyzeRequest | GenerateRequest, what: str
-) -> str:
-    """Check the lens id and the text length, log the request; return the group id."""
-    group = state.group_for_lens(lens_id)
-    length = body.input_length()
-    check_text_length(length, state.args.max_text_length)
-    if state.args.log_request_text:
-        logger.info("%s lens=%s input=%r", what, lens_id, body.input_dict())
-    else:
-        logger.info("%s lens=%s chars=%d", what, lens_id, length)
-    return group.group_id
-
-
-def _line(item: dict[str, Any]) -> bytes:
-    return (json.dumps(item, separators=(",", ":")) + "\n").encode()
-
-
-async def ndjson_lines(first: Any, stream: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
-    """Yield the replica's events as NDJSON lines; a failure mid-stream is an `error` event.
-
-    Closing this iterator (the client went away) cancels the replica's generator, which stops
-    the analysis between batches.
-    """
-    try:
-        if first is not None:
-            yield _line(first)
-        async for item in stream:
-            yield _line(item)
-    except Exception as exc:  # the status line is sent: report it in-band
-        yield _line({"event": "error", **body_for(exc)})
-    finally:
-        cancel_quietly(stream)
-
-
-async def open_analysis(
-    state: IngressState, lens_id: str, body: AnalyzeRequest
-) -> tuple[Any, DeploymentResponseGenerator]:
-    """Start `analyze_stream` on the lens's group and wait for its first event."""
-    return await state.open_stream(lens_id, "analyze_stream", body.replica_body())
 
 
 @router.post(

@@ -1,11 +1,16 @@
 """Every Prometheus metric lens-serve emits (DESIGN §Metrics), with its name, tags and buckets.
 
 Created in `__init__` of the class that uses it, so Serve adds its deployment, replica and
-application tags; Ray exports each as `ray_<name>` (counters as `ray_<name>_total`).
+application tags; Ray exports each as `ray_<name>` (counters as `ray_<name>_total`). The
+ingress also keeps its own `prometheus_client` registry for `GET /metrics` (`RouterMetrics`).
 """
 
 from __future__ import annotations
 
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Histogram as PromHistogram
+from prometheus_client import ProcessCollector as PromProcessCollector
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 # Lens switches run from a dict lookup (about 1 ms) to a cold base load on a GPU node (a
@@ -162,3 +167,36 @@ class IngressMetrics:
     def record_cold_start(self, group_id: str, seconds: float) -> None:
         """Record a wait for a group with no running replica."""
         self.cold_start_seconds.observe(seconds, tags={"group": group_id})
+
+
+class RouterMetrics:
+    """Metrics of the router process: Ray-exported ones, and `GET /metrics`'s own registry."""
+
+    def __init__(self) -> None:
+        self.ray = IngressMetrics()
+        # A registry per app rather than prometheus_client's global one (no module state).
+        self.registry = CollectorRegistry()
+        PromProcessCollector(registry=self.registry)
+        self.requests = PromCounter(
+            "lens_router_requests",
+            "Requests the router answered, by route and HTTP status.",
+            ("endpoint", "status"),
+            registry=self.registry,
+        )
+        self.cold_start_seconds = PromHistogram(
+            "lens_cold_start_seconds",
+            "Wait for a group that had no running replica (the cross-group switch).",
+            ("group",),
+            buckets=SWITCH_BUCKETS_SECONDS,
+            registry=self.registry,
+        )
+
+    def record_request(self, group_id: str, endpoint: str, status: int) -> None:
+        """Count one answered request in both exports."""
+        self.ray.record_request(group_id, endpoint, status)
+        self.requests.labels(endpoint, str(status)).inc()
+
+    def record_cold_start(self, group_id: str, seconds: float) -> None:
+        """Record one wait for a group with no running replica."""
+        self.ray.record_cold_start(group_id, seconds)
+        self.cold_start_seconds.labels(group_id).observe(seconds)

@@ -1,8 +1,9 @@
-"""The router: `Ingress` builds the FastAPI app and sends each request to its group's replicas.
+"""What the ingress routes share: ids, handles, sizes, replica statuses, calls to groups.
 
-Data path: HTTP -> here -> group replica (`GroupServer`) via a `DeploymentHandle` per lens id
-(`multiplexed_model_id=lens_id`, so Serve prefers replicas already holding the lens).
-`app.py` deploys it with `serve.deployment(build_ingress_deployment_class(), name="Ingress")`.
+One `IngressState` per ingress replica, on `app.state.ingress` (STYLE §4). Routes reach a
+group replica only through `call` / `open_stream`, which send the request down the group's
+handle with the lens id as Serve's multiplexed model id and time cold starts (DESIGN §Serving
+shape, "Router" and "Cold start").
 """
 
 from __future__ import annotations
@@ -11,23 +12,16 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, NoReturn
 
-from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client import ProcessCollector as PromProcessCollector
-from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
-from deployments.auth import BodySizeLimit, Guard, add_cors, max_body_bytes
-from deployments.config import AppArgs, GroupSpec, api_keys_from_env
-from deployments.errors import UnknownGroup, UnknownLens, install_error_handlers, translate
-from deployments.metrics import SWITCH_BUCKETS_SECONDS, IngressMetrics
-from deployments.sizes import GroupSizes, measure_group
+from deployments.config import AppArgs, GroupSpec
+from deployments.ingress.errors import UnknownGroup, UnknownLens, translate
+from deployments.ops.metrics import RouterMetrics
+from deployments.ops.sizes import GroupSizes, measure_group
+from deployments.replica.registry import get_registry
+from deployments.replica.status import ReplicaStatus
 
 logger = logging.getLogger("ray.serve")
 
@@ -39,39 +33,6 @@ REGISTRY_TIMEOUT_SECONDS = 5.0
 COLD_HISTORY = 32
 
 
-class RouterMetrics:
-    """Metrics of the router process: Ray-exported ones, and `GET /metrics`'s own registry."""
-
-    def __init__(self) -> None:
-        self.ray = IngressMetrics()
-        # A registry per app rather than prometheus_client's global one (no module state).
-        self.registry = CollectorRegistry()
-        PromProcessCollector(registry=self.registry)
-        self.requests = Counter(
-            "lens_router_requests",
-            "Requests the router answered, by route and HTTP status.",
-            ("endpoint", "status"),
-            registry=self.registry,
-        )
-        self.cold_start_seconds = Histogram(
-            "lens_cold_start_seconds",
-            "Wait for a group that had no running replica (the cross-group switch).",
-            ("group",),
-            buckets=SWITCH_BUCKETS_SECONDS,
-            registry=self.registry,
-        )
-
-    def record_request(self, group_id: str, endpoint: str, status: int) -> None:
-        """Count one answered request in both exports."""
-        self.ray.record_request(group_id, endpoint, status)
-        self.requests.labels(endpoint, str(status)).inc()
-
-    def record_cold_start(self, group_id: str, seconds: float) -> None:
-        """Record one wait for a group with no running replica."""
-        self.ray.record_cold_start(group_id, seconds)
-        self.cold_start_seconds.labels(group_id).observe(seconds)
-
-
 class IngressState:
     """Everything the routes share (`app.state.ingress`): ids, handles, sizes, snapshots."""
 
@@ -81,8 +42,11 @@ class IngressState:
         groups: list[GroupSpec],
         handles: dict[str, DeploymentHandle],
         metrics: RouterMetrics,
+        *,
+        app_name: str = "",
     ) -> None:
         self.args = args
+        self.app_name = app_name
         self.groups = {group.group_id: group for group in groups}
         self.group_of_lens = {lens.lens_id: group for group in groups for lens in group.lenses}
         self.metrics = metrics
@@ -93,7 +57,7 @@ class IngressState:
         self.is_ready = False
         self._handles = handles
         self._lens_handles: dict[tuple[str, bool], DeploymentHandle] = {}
-        self._snapshots: dict[str, list[dict[str, Any]]] = {}
+        self._snapshots: dict[str, list[ReplicaStatus]] = {}
         self._snapshots_at = float("-inf")
         self._refresh_lock = asyncio.Lock()
         self._registry: Any = None
@@ -133,9 +97,9 @@ class IngressState:
             self._lens_handles[key] = handle
         return handle
 
-    # --- replica snapshots (deployments/registry.py) ----------------------------------------
+    # --- replica snapshots (replica/registry.py) ----------------------------------------------
 
-    async def snapshots(self, *, fresh: bool = False) -> dict[str, list[dict[str, Any]]]:
+    async def snapshots(self, *, fresh: bool = False) -> dict[str, list[ReplicaStatus]]:
         """Return the status of every running replica by group id, from the registry actor.
 
         Reused for `SNAPSHOT_TTL_SECONDS` unless `fresh`; one refresh runs at a time and the
@@ -152,7 +116,7 @@ class IngressState:
             try:
                 registry = self._get_registry()
                 snapshot = await asyncio.wait_for(
-                    registry.all_status.remote(), REGISTRY_TIMEOUT_SECONDS
+                    registry.all_status.remote(self.app_name), REGISTRY_TIMEOUT_SECONDS
                 )
             except Exception:  # the registry is advisory here: log and keep the last one
                 logger.warning(
@@ -168,12 +132,10 @@ class IngressState:
 
     def _get_registry(self) -> Any:
         if self._registry is None:
-            from deployments.registry import get_registry
-
             self._registry = get_registry()
         return self._registry
 
-    async def group_replicas(self, group_id: str) -> list[dict[str, Any]]:
+    async def group_replicas(self, group_id: str) -> list[ReplicaStatus]:
         """Every running replica of one group, fresh from the registry."""
         self.group(group_id)
         return (await self.snapshots(fresh=True)).get(group_id, [])
@@ -259,105 +221,3 @@ def _reraise(exc: BaseException) -> NoReturn:
 async def _await(awaitable: Any) -> Any:
     # `asyncio.wait_for` takes coroutines; a DeploymentResponse is only awaitable.
     return await awaitable
-
-
-class RequestMetricsMiddleware:
-    """Counts every HTTP request by route template and status (pure ASGI: keeps streaming)."""
-
-    def __init__(self, app: Any, state: IngressState) -> None:
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        """Pass the request on and count its status once the response has started."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = {"code": 500}
-
-        async def send_and_note(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", "unmatched")
-            params = scope.get("path_params", {})
-            group = self.state.group_of_lens.get(params.get("lens_id", ""))
-            group_id = group.group_id if group else params.get("group_id", "")
-            if group_id not in self.state.groups:
-                group_id = ""
-            self.state.metrics.record_request(group_id, endpoint, status["code"])
-
-
-def build_fastapi_app(state: IngressState, guard: Guard) -> FastAPI:
-    """Build the router's FastAPI app: routes, error handlers, CORS, request metrics."""
-    from deployments.api import groups, health, lenses, metrics, ws
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Under Serve this runs once per ingress replica; a failure fails the replica.
-        app.state.ingress = state
-        app.state.guard = guard
-        await state.start()
-        yield
-
-    app = FastAPI(
-        title="lens-serve",
-        version="2",
-        description="Natural-language-autoencoder lenses over shared base models.",
-        lifespan=lifespan,
-    )
-    app.state.ingress = state
-    app.state.guard = guard
-    install_error_handlers(app)
-    for module in (health, groups, lenses, ws, metrics):
-        app.include_router(module.router)
-    # The page's scripts and styles: static files only, no data, so no key (like `/`).
-    app.mount("/static", StaticFiles(directory=frontend_path().parent), name="static")
-    # Starlette runs the last added middleware first: metrics, then CORS, then the size limit.
-    app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes(state.args.max_text_length))
-    add_cors(app, state.args.cors_origins)
-    app.add_middleware(RequestMetricsMiddleware, state=state)
-    return app
-
-
-class Ingress:
-    """The router deployment's class (deployment name `Ingress`).
-
-    A plain class: `app.py` wraps `build_ingress_deployment_class()` with `serve.deployment`
-    and binds it with `(args, groups, handles)`, `handles` mapping group id to the group
-    deployment's handle. Serve calls `__serve_build_asgi_app__` after `__init__` to get the
-    FastAPI app, so the app is built inside the replica from these arguments.
-    """
-
-    def __init__(
-        self, args: AppArgs, groups: list[GroupSpec], handles: dict[str, DeploymentHandle]
-    ) -> None:
-        self.args = args
-        self.groups = groups
-        self.handles = handles
-        self.metrics = RouterMetrics()
-
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        """Build the app from the constructor's arguments (Serve's late-bound ASGI hook)."""
-        guard = Guard(api_keys_from_env(self.args), self.args.rate_limit_per_minute)
-        state = IngressState(self.args, self.groups, self.handles, self.metrics)
-        return build_fastapi_app(state, guard)
-
-
-def build_ingress_deployment_class() -> type:
-    """`Ingress` wrapped as a Serve FastAPI ingress; `app.py` passes it to `serve.deployment`.
-
-    `serve.ingress()` without an app defers the app to replica start, where Serve calls
-    `Ingress.__serve_build_asgi_app__` (Ray Serve 2.60's late-bound ingress).
-    """
-    return serve.ingress()(Ingress)
-
-
-def frontend_path() -> Path:
-    """Return the path of the static page served at `/`."""
-    return Path(__file__).resolve().parents[1] / "frontend" / "index.html"

@@ -1,5 +1,7 @@
 """HTTP request and response bodies of the v2 API (DESIGN §HTTP API, §Response shapes).
 
+The group status reuses the replica's own `ReplicaStatus` model, so both sides read one type.
+
 Requests forbid unknown keys and enforce LENS_FORMAT §Analysis options bounds with 422s, never
 clamping. Responses allow extra keys, so a field a replica adds later is passed through.
 """
@@ -9,6 +11,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
+
+from deployments.replica.status import ReplicaStatus
 
 # torch seeds must fit an unsigned 64-bit int; we keep them non-negative and signed-safe.
 MAX_SEED = 2**63 - 1
@@ -283,41 +287,6 @@ class GroupList(_Response):
     """`GET /api/v2/groups`."""
 
     groups: list[GroupInfo]
-
-
-class ReplicaMemory(_Response):
-    """A replica's memory by kind."""
-
-    base_bytes: int = 0
-    lens_bytes: int = 0
-    donor_bytes: int = 0
-    allocated_bytes: int = 0
-    free_bytes: int = 0
-    total_bytes: int = 0
-
-
-class ReplicaLenses(_Response):
-    """Lens ids per tier (most recent last) and failed lenses with the reason."""
-
-    device: list[str] = Field(default_factory=list)
-    host: list[str] = Field(default_factory=list)
-    failed: dict[str, str] = Field(default_factory=dict)
-
-
-class ReplicaStatus(_Response):
-    """One running replica of a group."""
-
-    replica_id: str
-    device: str
-    memory: ReplicaMemory
-    base_loads: int
-    lenses: ReplicaLenses
-    donors: list[str] = Field(default_factory=list)
-    in_flight: int = 0
-    busy_threads: int = Field(
-        0, description="Torch threads still running, a cancelled request's until it stops."
-    )
-    switches: dict[str, int] = Field(default_factory=dict)
 
 
 class GroupStatus(_Response):

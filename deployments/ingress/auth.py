@@ -1,4 +1,4 @@
-"""API keys, rate limits and request-size limits of the router (issue 5, STYLE §2).
+"""API keys and rate limits: `require_api_key`, the dependency of every router but health.
 
 Keys come from `config.api_keys_from_env` (env `LENS_SERVE_API_KEYS` or `api_keys_file`); an
 empty set turns auth off. Keys are compared in constant time and never logged.
@@ -10,19 +10,12 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
-from fastapi import FastAPI, WebSocketException, status
-from fastapi.middleware.cors import CORSMiddleware
+from fastapi import WebSocketException, status
 from starlette.requests import HTTPConnection
 
-from deployments.errors import RateLimited, Unauthorized, error_response
-from lenscore import TextTooLong
+from deployments.ingress.errors import RateLimited, Unauthorized
 
-# Room in a body beyond its text: JSON escapes (up to 6 bytes a character, 8 allowed), options
-# and up to 100_000 explicit positions.
-BODY_BYTES_PER_TEXT_CHAR = 8
-BODY_OVERHEAD_BYTES = 1 << 20
 # Identities kept by the rate limiter before idle ones are dropped (bounds its memory).
 MAX_TRACKED_CLIENTS = 10_000
 
@@ -131,53 +124,3 @@ async def require_api_key(connection: HTTPConnection) -> None:
         check_access(connection, guard)
     except (Unauthorized, RateLimited) as exc:
         raise WebSocketException(status.WS_1008_POLICY_VIOLATION, exc.code) from exc
-
-
-def check_text_length(length: int, max_text_length: int) -> None:
-    """Raise `TextTooLong` (413) when a request's text exceeds `max_text_length` characters."""
-    if length > max_text_length:
-        raise TextTooLong(
-            f"text of {length} characters is longer than the limit of {max_text_length}",
-            {"length": length, "max_text_length": max_text_length},
-        )
-
-
-def add_cors(app: FastAPI, origins: list[str]) -> None:
-    """Allow browser calls from the configured origins only (none by default)."""
-    if origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "Accept"],
-        )
-
-
-def max_body_bytes(max_text_length: int) -> int:
-    """Largest request body accepted for a `max_text_length` (characters) limit."""
-    return BODY_BYTES_PER_TEXT_CHAR * max_text_length + BODY_OVERHEAD_BYTES
-
-
-class BodySizeLimit:
-    """Refuse a body whose `Content-Length` exceeds the limit with 413, before it is read.
-
-    Bodies without a length (chunked) are read as usual; `check_text_length` still applies.
-    """
-
-    def __init__(self, app: Any, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        """Answer 413 for an oversized declared body; otherwise pass the request on."""
-        if scope["type"] == "http":
-            declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-            if declared.isdigit() and int(declared) > self.max_body_bytes:
-                too_long = TextTooLong(
-                    f"request body of {int(declared)} bytes is over the limit of "
-                    f"{self.max_body_bytes} bytes",
-                    {"body_bytes": int(declared), "max_body_bytes": self.max_body_bytes},
-                )
-                await error_response(too_long)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)

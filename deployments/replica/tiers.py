@@ -1,19 +1,16 @@
-"""Where a group replica keeps its lenses: device slots, host-RAM tier, donors, memory.
+"""The lens objects a replica keeps: a device lens with its users, the host tier, donors.
 
-Used by `GroupServer` (deployments/group.py); DESIGN §Serving shape, "Tiers".
+Below `replica/residency.py` on the data path (DESIGN §Serving shape, "Tiers"); the device
+LRU itself is Serve's (`replica/multiplex.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from lenscore import Base, Lens
 
@@ -208,75 +205,3 @@ class DonorCache:
                 len(self._donors),
                 self.max_donors,
             )
-
-
-class LocalMultiplexer:
-    """An in-process LRU with the contract of Serve's multiplex wrapper, for use without Serve.
-
-    `bench/switch.py` drives `GroupServer` in one process, where `serve.multiplexed` cannot
-    run (it needs a replica context). Same fields and order of events as Ray 2.60's
-    `_ModelMultiplexWrapper`: one load at a time under a lock, evict the LRU model (awaiting
-    its `__del__`) before loading when full.
-    """
-
-    def __init__(self, load: Callable[[str], Awaitable[Any]], max_num_models_per_replica: int):
-        self.models: OrderedDict[str, Any] = OrderedDict()
-        self.max_num_models_per_replica = max_num_models_per_replica
-        self._func = load
-        self._model_cache_lock = asyncio.Lock()
-
-    async def load_model(self, model_id: str) -> Any:
-        """Return the model, loading it (and evicting the LRU one) when absent."""
-        if model_id in self.models:
-            self.models.move_to_end(model_id)
-            return self.models[model_id]
-        async with self._model_cache_lock:
-            if model_id in self.models:
-                return self.models[model_id]
-            if 0 < self.max_num_models_per_replica <= len(self.models):
-                await self.unload_model_lru()
-            self.models[model_id] = await self._func(model_id)
-            return self.models[model_id]
-
-    async def unload_model_lru(self) -> None:
-        """Pop the least recently used model and await its `__del__`."""
-        _, model = self.models.popitem(last=False)
-        if hasattr(model, "__del__"):
-            await model.__del__()
-
-
-def read_memory(device: torch.device) -> dict[str, int]:
-    """Read allocated, free and total bytes of the replica's device.
-
-    On CUDA: the caching allocator's allocated bytes and the driver's free/total. On CPU:
-    this process's resident set size and the host's available/total memory (from /proc).
-    """
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        allocated = torch.cuda.memory_allocated(device)
-        return {"allocated_bytes": allocated, "free_bytes": free, "total_bytes": total}
-    return {
-        "allocated_bytes": _process_rss_bytes(),
-        "free_bytes": _meminfo_bytes("MemAvailable"),
-        "total_bytes": _meminfo_bytes("MemTotal"),
-    }
-
-
-def _process_rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as statm:
-            resident_pages = int(statm.read().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-    return resident_pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def _meminfo_bytes(field: str) -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1]) * 1024  # the file says kB; it means KiB
-    except (OSError, ValueError):
-        return 0
-    return 0
