@@ -21,7 +21,9 @@ export const COLUMNS = [
   },
 ];
 
-const ROWS_PER_BLOCK = 100;
+// Small blocks: a block scrolled into view is laid out in one go (content-visibility), so
+// 25 rows keep each scroll frame short; bench/render.py compares block sizes.
+const ROWS_PER_BLOCK = 25;
 
 /** Which optional columns the rows carry. */
 export function availableColumns(rows) {

@@ -4,7 +4,7 @@
 import { formatNumber, h, runChunked, visibleToken } from "./dom.js";
 import { appendWords } from "./words.js";
 
-const COLUMNS_PER_BLOCK = 80;
+const COLUMNS_PER_BLOCK = 40;
 
 export function renderTransposed(container, rows, { domain, onRendered }) {
   const started = performance.now();
