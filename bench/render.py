@@ -40,11 +40,13 @@ WORDS = ["cat", " sat", " on", " the", " mat", " because", " warm", "ly", " dog"
 def synthetic_jsonl(n_rows: int, seed: int = 0) -> str:
     """An exported analysis of `n_rows` tokens, as the page writes it."""
     rng = random.Random(seed)
+    ids = {"lens_id": "bench-lens", "group_id": "bench"}
+    request = {"text": "x" * n_rows, "options": {"seed": 1}}
+    meta = {**ids, "layer": 1, "t_text": 8, "n_tokens": n_rows, "options": {"seed": 1}}
     lines = [
-        {"event": "request", "format": "lens-serve/analysis-v1", "title": "bench", "lens_id": "bench-lens",
-         "group_id": "bench", "request": {"text": "x" * n_rows, "options": {"seed": 1}}},
-        {"event": "meta", "meta": {"lens_id": "bench-lens", "group_id": "bench", "layer": 1, "t_text": 8,
-                                   "n_tokens": n_rows, "options": {"seed": 1}}},
+        {"event": "request", "format": "lens-serve/analysis-v1", "title": "bench", **ids,
+         "request": request},
+        {"event": "meta", "meta": meta},
     ]  # fmt: skip
     for position in range(n_rows):
         words = [rng.choice(WORDS) for _ in range(8)]
@@ -95,11 +97,14 @@ def serve_frontend() -> tuple[http.server.ThreadingHTTPServer, str]:
 WATCH_LONG_TASKS = """() => {
   window.__longest = 0;
   new PerformanceObserver((list) => {
-    for (const entry of list.getEntries()) window.__longest = Math.max(window.__longest, entry.duration);
+    for (const entry of list.getEntries()) {
+      window.__longest = Math.max(window.__longest, entry.duration);
+    }
   }).observe({ type: "longtask", buffered: false });
 }"""
 
-NEXT_FRAME = """() => new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)))"""
+NEXT_FRAME = """() => new Promise(
+  (resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)))"""
 
 SCROLL = """async ([steps, px]) => {
   const box = document.querySelector(".analysis-body");
@@ -156,7 +161,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--chromium", default=os.environ.get("LENS_SERVE_CHROMIUM") or shutil.which("chromium"))
+    parser.add_argument(
+        "--chromium", default=os.environ.get("LENS_SERVE_CHROMIUM") or shutil.which("chromium")
+    )
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -174,7 +181,9 @@ def main() -> None:
         version = browser.version
         browser.close()
     server.shutdown()
-    print(f"{args.rows} rows, {args.repeats} runs, headless Chromium {version}, {os.cpu_count()} CPUs")
+    print(
+        f"{args.rows} rows, {args.repeats} runs, headless Chromium {version}, {os.cpu_count()} CPUs"
+    )
     print(f"{'metric':<22}{'median':>10}{'max':>10}")
     for key in runs[0]:
         values = [run[key] for run in runs]

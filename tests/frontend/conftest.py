@@ -28,6 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM_ENV = "LENS_SERVE_CHROMIUM"
 SCREENSHOTS_ENV = "LENS_SERVE_SCREENSHOTS"
 
+
 def chromium_path() -> str | None:
     """Debian's Chromium (or `$LENS_SERVE_CHROMIUM`); None when there is none."""
     configured = os.environ.get(CHROMIUM_ENV)
@@ -55,7 +56,11 @@ def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[s
 @pytest.fixture(scope="session")
 def browser_context_args(browser_context_args: dict[str, Any]) -> dict[str, Any]:
     """A desktop-sized window; downloads allowed (export tests read them)."""
-    return {**browser_context_args, "viewport": {"width": 1400, "height": 1000}, "accept_downloads": True}
+    return {
+        **browser_context_args,
+        "viewport": {"width": 1400, "height": 1000},
+        "accept_downloads": True,
+    }
 
 
 @pytest.fixture(scope="session", autouse=True)

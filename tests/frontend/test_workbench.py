@@ -52,13 +52,21 @@ def served(
 
     broken = tmp_path_factory.mktemp("page-runs") / BROKEN
     shutil.copytree(demo_dir / "lenses" / QWEN, broken)
-    extra = {"qwen2-tiny": [{"id": BROKEN, "name": "broken on purpose", "checkpoint": str(broken), "layer": 1}]}
+    extra = {
+        "qwen2-tiny": [
+            {"id": BROKEN, "name": "broken on purpose", "checkpoint": str(broken), "layer": 1}
+        ]
+    }
     # Three lens slots: the gemma group (3 lenses) fits on its replica entirely.
-    groups_dir = write_groups(("qwen2-tiny", GEMMA_GROUP), replica={"max_lenses_per_replica": 3}, extra_lenses=extra)
+    groups_dir = write_groups(
+        ("qwen2-tiny", GEMMA_GROUP), replica={"max_lenses_per_replica": 3}, extra_lenses=extra
+    )
     busy = yaml.safe_load((groups_dir / "qwen2-tiny.yaml").read_text())
     busy.update(group_id=BUSY_GROUP, name="busy: one running, one queued", donors=[])
     busy["replica"].update(max_ongoing_requests=1, max_queued_requests=1)
-    busy["lenses"] = [{"id": BUSY, "name": BUSY, "checkpoint": str(demo_dir / "lenses" / QWEN), "layer": 1}]
+    busy["lenses"] = [
+        {"id": BUSY, "name": BUSY, "checkpoint": str(demo_dir / "lenses" / QWEN), "layer": 1}
+    ]
     (groups_dir / f"{BUSY_GROUP}.yaml").write_text(yaml.safe_dump(busy, sort_keys=False))
     deploy(APP, PREFIX, groups_dir, ray_cluster.http_url)
     shutil.rmtree(broken)
@@ -122,10 +130,12 @@ def row_texts(page: Page) -> list[str]:
     return rows.evaluate_all("rows => rows.map(r => r.innerText)")
 
 
-# --- switcher -------------------------------------------------------------------------------
+# --- switcher ------------------------------------------------------------------------------------
 
 
-def test_switcher_lists_every_group_and_lens(app: Page, served: SimpleNamespace, screenshots: Any) -> None:
+def test_switcher_lists_every_group_and_lens(
+    app: Page, served: SimpleNamespace, screenshots: Any
+) -> None:
     groups = served.client.get("/api/v2/groups").json()["groups"]
     for g in groups:
         section = group(app, g["group_id"])
@@ -137,7 +147,9 @@ def test_switcher_lists_every_group_and_lens(app: Page, served: SimpleNamespace,
             option = lens(app, entry["lens_id"])
             expect(option).to_contain_text(entry["name"])
             expect(option).to_contain_text(f"layer {entry['layer']}")
-            expect(option).to_have_attribute("data-residency", re.compile("^(device|host|disk|failed)$"))
+            expect(option).to_have_attribute(
+                "data-residency", re.compile("^(device|host|disk|failed)$")
+            )
             estimate = option.get_by_test_id("switch-estimate")
             expect(estimate).to_have_attribute("data-source", re.compile("^(measured|estimated)$"))
             expect(estimate).to_contain_text(re.compile("switch|ready|cold start|failed"))
@@ -153,12 +165,16 @@ def test_switcher_lists_every_group_and_lens(app: Page, served: SimpleNamespace,
     screenshots(app, "switcher")
 
 
-def test_a_preloaded_lens_shows_device(app: Page, served: SimpleNamespace, screenshots: Any) -> None:
+def test_a_preloaded_lens_shows_device(
+    app: Page, served: SimpleNamespace, screenshots: Any
+) -> None:
     resp = served.client.post("/api/v2/groups/qwen2-tiny/preload", json={"lens_ids": [QWEN]})
     assert resp.status_code == 200 and resp.json()["results"][0]["ok"], resp.text
     app.get_by_role("button", name="Refresh residency").click()
     expect(lens(app, QWEN)).to_have_attribute("data-residency", "device")
-    expect(lens(app, QWEN).get_by_test_id("switch-estimate")).to_have_attribute("data-kind", "ready")
+    expect(lens(app, QWEN).get_by_test_id("switch-estimate")).to_have_attribute(
+        "data-kind", "ready"
+    )
     # Preloading a whole group from the page: per-lens progress, then the group is loaded.
     gemma = group(app, GEMMA_GROUP)
     gemma.get_by_test_id("preload-button").click()
@@ -202,7 +218,9 @@ def test_an_analysis_fills_one_row_per_token_with_coloured_salience(
     screenshots(app, "table")
 
 
-def test_transposed_and_full_text_views(app: Page, served: SimpleNamespace, screenshots: Any) -> None:
+def test_transposed_and_full_text_views(
+    app: Page, served: SimpleNamespace, screenshots: Any
+) -> None:
     tab = start_analysis(app, QWEN, logit_lens=True)
     expect(tab).to_have_attribute("data-status", "done")
     n_rows = app.get_by_test_id("result-row").count()
@@ -214,8 +232,10 @@ def test_transposed_and_full_text_views(app: Page, served: SimpleNamespace, scre
     expect(view.get_by_test_id("transposed-column")).to_have_count(n_rows)
     expect(view.locator("[data-salience]")).to_have_count(n_words)
     # Words are stacked: each column's words sit one under the other.
-    tops = view.get_by_test_id("transposed-column").first.locator("[data-salience]").evaluate_all(
-        "ws => ws.map(w => w.getBoundingClientRect().top)"
+    tops = (
+        view.get_by_test_id("transposed-column")
+        .first.locator("[data-salience]")
+        .evaluate_all("ws => ws.map(w => w.getBoundingClientRect().top)")
     )
     assert tops == sorted(tops) and len(set(tops)) == len(tops), tops
     screenshots(app, "transposed")
@@ -264,7 +284,10 @@ def test_export_jsonl_imports_back_into_an_identical_tab(
     expect(tabs.nth(1).get_by_role("tab")).to_contain_text(QWEN)
     expect(app.get_by_test_id("result-row")).to_have_count(len(original))
     assert row_texts(app) == original
-    assert app.get_by_test_id("meta-line").inner_text() == f"{meta_line} · imported from analysis.jsonl"
+    assert (
+        app.get_by_test_id("meta-line").inner_text()
+        == f"{meta_line} · imported from analysis.jsonl"
+    )
     screenshots(app, "imported")
 
 
@@ -288,14 +311,16 @@ def test_analyses_survive_a_reload(app: Page) -> None:
     expect(tabs).to_have_count(1)
 
 
-# --- workflow --------------------------------------------------------------------------------------
+# --- workflow ------------------------------------------------------------------------------------
 
 
 def test_analyse_with_every_lens_opens_one_tab_per_lens(
     app: Page, served: SimpleNamespace, screenshots: Any
 ) -> None:
     groups = served.client.get("/api/v2/groups").json()["groups"]
-    gemma_lenses = [e["lens_id"] for g in groups if g["group_id"] == GEMMA_GROUP for e in g["lenses"]]
+    gemma_lenses = [
+        e["lens_id"] for g in groups if g["group_id"] == GEMMA_GROUP for e in g["lenses"]
+    ]
     assert len(gemma_lenses) == 3
     app.get_by_test_id("text-input").fill(TEXT)
     set_options(app, **GREEDY)
@@ -306,7 +331,9 @@ def test_analyse_with_every_lens_opens_one_tab_per_lens(
     for index in range(3):
         expect(tabs.nth(index)).to_have_attribute("data-status", "done")
         tabs.nth(index).get_by_role("tab").click()
-        seen.append(app.get_by_test_id("meta-line").inner_text().split(" · ")[0].removeprefix("lens "))
+        seen.append(
+            app.get_by_test_id("meta-line").inner_text().split(" · ")[0].removeprefix("lens ")
+        )
         expect(app.get_by_test_id("result-row").first).to_be_visible()
     assert sorted(seen) == sorted(gemma_lenses)
     screenshots(app, "every-lens-tabs")
@@ -342,14 +369,18 @@ def test_generate_then_analyse_a_continuation(app: Page, screenshots: Any) -> No
 
 
 def test_chat_json_paste_switches_to_the_message_editor(app: Page, served: SimpleNamespace) -> None:
-    messages = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi, how are you?"}]
+    messages = [
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": "Hi, how are you?"},
+    ]
     box = app.get_by_test_id("text-input")
     box.fill("")
     box.evaluate(
         """(el, text) => {
             const data = new DataTransfer();
             data.setData("text/plain", text);
-            el.dispatchEvent(new ClipboardEvent("paste", {clipboardData: data, bubbles: true, cancelable: true}));
+            const init = {clipboardData: data, bubbles: true, cancelable: true};
+            el.dispatchEvent(new ClipboardEvent("paste", init));
         }""",
         json.dumps({"messages": messages}),
     )
@@ -374,7 +405,9 @@ def test_out_of_bounds_options_are_refused_before_sending(app: Page) -> None:
     expect(app.get_by_test_id("tab")).to_have_count(0)
 
 
-def test_cancel_stops_a_running_analysis(app: Page, served: SimpleNamespace, screenshots: Any) -> None:
+def test_cancel_stops_a_running_analysis(
+    app: Page, served: SimpleNamespace, screenshots: Any
+) -> None:
     tab = start_analysis(app, QWEN, text=LONG_TEXT, batch_size=1, best_of_k=4)
     progress = app.get_by_test_id("progress")
     expect(progress).to_be_visible()
@@ -396,7 +429,7 @@ def test_cancel_stops_a_running_analysis(app: Page, served: SimpleNamespace, scr
     expect(app.get_by_test_id("result-row")).to_have_count(0)
 
 
-# --- errors -------------------------------------------------------------------------------------
+# --- errors --------------------------------------------------------------------------------------
 
 
 def test_a_lens_that_fails_to_load_shows_409(app: Page, screenshots: Any) -> None:
