@@ -6,6 +6,7 @@ DESIGN.md §Layout says where it sits.
 
 from lenscore.analyze import analyze, generate
 from lenscore.base import Base, BaseInfo, load_base, read_base_info
+from lenscore.chat import reply
 from lenscore.checkpoint import RawCheckpoint, read_checkpoint
 from lenscore.compat import LensConfig, check_compat
 from lenscore.demo import make_demo
@@ -49,4 +50,5 @@ __all__ = [
     "make_demo",
     "read_base_info",
     "read_checkpoint",
+    "reply",
 ]
