@@ -80,7 +80,12 @@ export function renderCompare(container, a, b, { onClose }) {
     tok.className = "cell c-token";
     const ta = ra ? visibleToken(ra.token) : "";
     const tb = rb ? visibleToken(rb.token) : "";
-    tok.textContent = ra && rb && ta !== tb ? `${ta} / ${tb}` : ta || tb;
+    for (const text of ra && rb && ta !== tb ? [ta, tb] : [ta || tb]) {
+      const span = document.createElement("span");
+      span.className = "tok";
+      span.textContent = text;
+      tok.append(span, " ");
+    }
     row.append(pos, tok, ...sideCells(ra, domainA), ...sideCells(rb, domainB));
     block.appendChild(row);
   });
