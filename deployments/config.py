@@ -311,7 +311,19 @@ class AppArgs(_Edge):
     log_request_text: bool = Field(False, description="Log request text (off: it may be private).")
     request_timeout_s: PositiveFloat = Field(300, description="Per-request timeout, in seconds.")
     rate_limit_per_minute: PositiveInt | None = Field(
-        None, description="Requests per minute per API key; None: no limit."
+        None,
+        description="Requests per minute per API key (or client address), counted by each "
+        "ingress replica; None: no limit.",
+    )
+    strict_startup: bool = Field(
+        False,
+        description="Refuse to start when any base, donor or checkpoint fails its check; "
+        "off: serve everything else and report the failures.",
+    )
+    public_docs: bool | None = Field(
+        None,
+        description="Serve /docs and /openapi.json without a key; None: only when API keys "
+        "are off.",
     )
 
 

@@ -10,6 +10,7 @@ import statistics
 
 from deployments.config import GroupSpec
 from deployments.ingress.schemas import (
+    ErrorInfo,
     GroupInfo,
     LensDetail,
     LensInfo,
@@ -27,6 +28,7 @@ from deployments.replica.status import ReplicaStatus
 DISK_BYTES_PER_SECOND = 1.0e9
 HOST_BYTES_PER_SECOND = 10.0e9
 REPLICA_START_SECONDS = 10.0
+
 
 def residency_of(replicas: list[ReplicaStatus]) -> dict[str, list[Residency]]:
     """Lens id -> where it is held, from replica statuses (device and host tiers)."""
@@ -84,11 +86,29 @@ def estimate_switch(
     )
 
 
+def lens_problem(
+    state: IngressState, lens_id: str, replicas: list[ReplicaStatus]
+) -> ErrorInfo | None:
+    """Why a lens cannot serve now: a replica's failed load, else the start-up check.
+
+    A start-up problem stands until a replica has loaded the lens (its file was fixed).
+    """
+    for replica in replicas:
+        failure = replica.failures.get(lens_id)
+        if failure is not None:
+            return ErrorInfo(code=failure.code, message=failure.message)
+    startup = state.report.lenses.get(lens_id)
+    if startup is not None and not any(lens_id in replica.loads for replica in replicas):
+        return ErrorInfo(code=startup[0], message=startup[1])
+    return None
+
+
 def lens_infos(
-    group: GroupSpec, sizes: GroupSizes, replicas: list[ReplicaStatus]
+    state: IngressState, group: GroupSpec, sizes: GroupSizes, replicas: list[ReplicaStatus]
 ) -> list[LensInfo]:
-    """Return the lenses of one group with their sizes and residency."""
+    """Return the lenses of one group with their sizes, residency and availability."""
     held = residency_of(replicas)
+    problems = {lens.lens_id: lens_problem(state, lens.lens_id, replicas) for lens in group.lenses}
     return [
         LensInfo(
             lens_id=lens.lens_id,
@@ -99,6 +119,8 @@ def lens_infos(
             bytes=sizes.lenses[lens.lens_id].tensor_bytes,
             visible=lens.visible,
             residency=held.get(lens.lens_id, []),
+            status="unavailable" if problems[lens.lens_id] else "available",
+            reason=problems[lens.lens_id],
         )
         for lens in group.lenses
     ]
@@ -122,7 +144,9 @@ def group_info(state: IngressState, group: GroupSpec, replicas: list[ReplicaStat
             sizes, replicas, list(state.cold_seconds[group.group_id])
         ),
         replicas_running=len(replicas),
-        lenses=lens_infos(group, sizes, replicas),
+        lenses=lens_infos(state, group, sizes, replicas),
+        status="unavailable" if group.group_id in state.report.groups else "available",
+        reason=state.report.groups.get(group.group_id),
     )
 
 
@@ -132,6 +156,7 @@ def lens_detail(state: IngressState, lens_id: str, replicas: list[ReplicaStatus]
     lens = group.lens(lens_id)
     sizes = state.sizes[group.group_id]
     size = sizes.lenses[lens_id]
+    problem = lens_problem(state, lens_id, replicas)
     return LensDetail(
         lens_id=lens_id,
         group_id=group.group_id,
@@ -142,6 +167,8 @@ def lens_detail(state: IngressState, lens_id: str, replicas: list[ReplicaStatus]
         bytes=size.tensor_bytes,
         visible=lens.visible,
         residency=residency_of(replicas).get(lens_id, []),
+        status="unavailable" if problem else "available",
+        reason=problem,
         sizes=LensSizes(
             lens_bytes=size.tensor_bytes,
             checkpoint_file_bytes=size.file_bytes,

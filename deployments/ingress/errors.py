@@ -56,6 +56,7 @@ STATUS: dict[str, int] = {
     "cancelled": 499,
     "internal": 500,
     "not_ready": 503,
+    "group_unavailable": 503,
     "out_of_memory": 503,
     "overloaded": 503,
     "replica_unavailable": 503,
@@ -69,6 +70,7 @@ RETRY_AFTER_SECONDS: dict[str, float] = {
     "replica_unavailable": 5.0,
     "rate_limited": 1.0,
     "not_ready": 2.0,
+    "group_unavailable": 60.0,
 }
 
 
@@ -135,6 +137,19 @@ class ReplicaUnavailable(ApiError):
     """The replica died or the deployment cannot take requests right now."""
 
     code = "replica_unavailable"
+
+
+class GroupUnavailable(ApiError):
+    """The group's base could not load at start-up: nothing in it serves."""
+
+    code = "group_unavailable"
+
+    def __init__(self, group_id: str, why: str) -> None:
+        super().__init__(
+            f"group {group_id} is unavailable: {why}; fix it and redeploy "
+            "(`lens-serve validate` lists every problem)",
+            {"group_id": group_id, "reason": why},
+        )
 
 
 class NotReady(ApiError):

@@ -223,6 +223,10 @@ class LensInfo(_Response):
     bytes: int | None = Field(description="Tensor bytes of the lens (None: unreadable).")
     visible: bool
     residency: list[Residency]
+    status: Literal["available", "unavailable"] = Field(
+        "available", description="`unavailable`: it failed to load; `reason` says why."
+    )
+    reason: ErrorInfo | None = Field(None, description="Why the lens is unavailable.")
 
 
 class LensSizes(_Response):
@@ -281,6 +285,10 @@ class GroupInfo(_Response):
     estimated_switch_seconds: SwitchEstimate
     replicas_running: int
     lenses: list[LensInfo]
+    status: Literal["available", "unavailable"] = Field(
+        "available", description="`unavailable`: its base cannot load; nothing in it serves."
+    )
+    reason: str | None = Field(None, description="Why the group is unavailable.")
 
 
 class GroupList(_Response):
@@ -319,7 +327,10 @@ class Health(_Response):
     """`/healthz` and `/readyz`."""
 
     status: str
-    groups: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list, description="Groups that serve.")
+    unavailable_groups: dict[str, str] = Field(
+        default_factory=dict, description="Groups whose base cannot load, with the reason."
+    )
 
 
 # --- WebSocket messages (`WS /api/v2/ws`) -------------------------------------------------

@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
+from deployments.checks import StartupReport
 from deployments.config import AppArgs, GroupSpec, api_keys_from_env
 from deployments.ingress.auth import Guard
 from deployments.ingress.errors import install_error_handlers
@@ -66,24 +67,30 @@ class Ingress:
     """The ingress deployment's class (deployment name `Ingress`).
 
     A plain class: `app.py` wraps `build_ingress_deployment_class()` with `serve.deployment`
-    and binds it with `(args, groups, handles)`, `handles` mapping group id to the group
-    deployment's handle. Serve calls `__serve_build_asgi_app__` after `__init__` to get the
+    and binds it with `(args, groups, handles, report)`: `handles` maps group id to the group
+    deployment's handle (groups whose base failed its check have none), `report` says what
+    failed its start-up check. Serve calls `__serve_build_asgi_app__` after `__init__` to get the
     FastAPI app, so the app is built inside the replica from these arguments.
     """
 
     def __init__(
-        self, args: AppArgs, groups: list[GroupSpec], handles: dict[str, DeploymentHandle]
+        self,
+        args: AppArgs,
+        groups: list[GroupSpec],
+        handles: dict[str, DeploymentHandle],
+        report: StartupReport,
     ) -> None:
         self.args = args
         self.groups = groups
         self.handles = handles
+        self.report = report
         self.metrics = RouterMetrics()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Build the app from the constructor's arguments (Serve's late-bound ASGI hook)."""
         guard = Guard(api_keys_from_env(self.args), self.args.rate_limit_per_minute)
         state = IngressState(
-            self.args, self.groups, self.handles, self.metrics, app_name=_app_name()
+            self.args, self.groups, self.handles, self.metrics, self.report, app_name=_app_name()
         )
         return build_fastapi_app(state, guard)
 

@@ -16,8 +16,9 @@ from typing import Any, NoReturn
 
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
+from deployments.checks import StartupReport
 from deployments.config import AppArgs, GroupSpec
-from deployments.ingress.errors import UnknownGroup, UnknownLens, translate
+from deployments.ingress.errors import GroupUnavailable, UnknownGroup, UnknownLens, translate
 from deployments.ops.metrics import RouterMetrics
 from deployments.ops.sizes import GroupSizes, measure_group
 from deployments.replica.registry import get_registry
@@ -42,11 +43,13 @@ class IngressState:
         groups: list[GroupSpec],
         handles: dict[str, DeploymentHandle],
         metrics: RouterMetrics,
+        report: StartupReport,
         *,
         app_name: str = "",
     ) -> None:
         self.args = args
         self.app_name = app_name
+        self.report = report
         self.groups = {group.group_id: group for group in groups}
         self.group_of_lens = {lens.lens_id: group for group in groups for lens in group.lenses}
         self.metrics = metrics
@@ -67,6 +70,12 @@ class IngressState:
         """Measure base, donor and lens sizes once (reads checkpoint headers, off the loop)."""
         for group_id, group in self.groups.items():
             self.sizes[group_id] = await asyncio.to_thread(measure_group, group)
+        for lens_id, group in self.group_of_lens.items():
+            if group.group_id in self.report.groups:
+                self.metrics.ray.record_failure(group.group_id, "base_unavailable", lens_id)
+            elif lens_id in self.report.lenses:
+                code = self.report.lenses[lens_id][0]
+                self.metrics.ray.record_failure(group.group_id, code, lens_id)
         self.is_ready = True
 
     # --- ids -------------------------------------------------------------------------------
@@ -86,11 +95,19 @@ class IngressState:
             raise UnknownLens(lens_id) from None
 
     def lens_handle(self, lens_id: str, *, stream: bool = False) -> DeploymentHandle:
-        """One configured handle per lens id (each `.options()` call builds a new handle)."""
+        """One configured handle per lens id (each `.options()` call builds a new handle).
+
+        Raises:
+            UnknownLens: no group has this lens.
+            GroupUnavailable: its group's base could not load at start-up.
+
+        """
         key = (lens_id, stream)
         handle = self._lens_handles.get(key)
         if handle is None:
             group = self.group_for_lens(lens_id)
+            if group.group_id in self.report.groups:
+                raise GroupUnavailable(group.group_id, self.report.groups[group.group_id])
             handle = self._handles[group.group_id].options(
                 multiplexed_model_id=lens_id, stream=stream
             )

@@ -159,6 +159,18 @@ class IngressMetrics:
             boundaries=SWITCH_BUCKETS_SECONDS,
             tag_keys=("group",),
         )
+        # The start-up check's failures, counted once per ingress replica start (the
+        # replicas count the loads that fail later).
+        self.load_failures = Counter(
+            "lens_load_failures",
+            description="Lens loads that failed, by reason: corrupt, incompatible, missing, oom.",
+            tag_keys=("group", "reason", "lens"),
+        )
+
+    def record_failure(self, group_id: str, code: str, lens_id: str) -> None:
+        """Count a lens that failed its start-up check; `code` is the LensError code."""
+        reason = FAILURE_REASONS.get(code, "corrupt")
+        self.load_failures.inc(1, tags={"group": group_id, "reason": reason, "lens": lens_id})
 
     def record_request(self, group_id: str, endpoint: str, status: int) -> None:
         """Count one request (`group_id` may be "" for routes without a group)."""

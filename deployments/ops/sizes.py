@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deployments.config import GroupSpec
+from deployments.redact import redact_text
 from lenscore import LensError, read_checkpoint
 
 # Weight files counted as a model's size on disk, in order of preference.
@@ -51,7 +52,7 @@ def measure_lens(checkpoint: Path) -> LensSize:
     try:
         raw = read_checkpoint(checkpoint)
     except LensError as exc:
-        return LensSize(None, None, None, f"{exc.code}: {exc.message}")
+        return LensSize(None, None, None, f"{exc.code}: {redact_text(exc.message, [checkpoint])}")
     return LensSize(raw.tensor_bytes, raw.file_bytes, raw.t_text)
 
 

@@ -19,12 +19,14 @@ import torch
 
 from deployments.config import GroupSpec, LensSpec, ReplicaSpec
 from deployments.ops.metrics import SWITCH_KINDS, ReplicaMetrics
+from deployments.redact import group_paths, redact, redact_text
 from deployments.replica.multiplex import DeviceSlots
 from deployments.replica.status import LensFailure, LoadStats
 from deployments.replica.tiers import DonorCache, HostTier, ResidentLens
 from lenscore import (
     BadInput,
     Base,
+    IncompatibleLens,
     Lens,
     LensError,
     OutOfDeviceMemory,
@@ -96,6 +98,7 @@ class LensResidency:
         log_event: LogEvent,
     ) -> None:
         self.group = group
+        self.paths = group_paths(group)
         self.replica: ReplicaSpec = group.replica
         self.base = base
         self.base_bytes = base.nbytes  # walks every parameter: read it once
@@ -155,7 +158,7 @@ class LensResidency:
         try:
             lens, source = await self._bring_to_device(spec)
         except LensError as exc:
-            _name_lens(exc, lens_id)
+            _name_lens(exc, lens_id, self.paths)
             self._record_failure(lens_id, exc)
             raise
         seconds = time.perf_counter() - started
@@ -183,10 +186,22 @@ class LensResidency:
                 raise
             return lens, "host"
         raw = await asyncio.to_thread(read_checkpoint, spec.checkpoint)
+        if raw.layer_l != spec.layer:
+            raise IncompatibleLens(
+                f"lens {spec.lens_id}",
+                [f"the group file says layer {spec.layer}, the checkpoint's layer_l is "
+                 f"{raw.layer_l}"],
+            )  # fmt: skip
         await self._make_room(raw.tensor_bytes)
         lens = await self._to_device(
-            lambda: load_lens(spec.checkpoint, self.base, donor=donor, lens_id=spec.lens_id,
-                              device=self.device, raw=raw)  # fmt: skip
+            lambda: load_lens(
+                spec.checkpoint,
+                self.base,
+                donor=donor,
+                lens_id=spec.lens_id,
+                device=self.device,
+                raw=raw,
+            )  # fmt: skip
         )
         return lens, "disk"
 
@@ -362,9 +377,11 @@ class LensResidency:
         return {kind: stats.summary() for kind, stats in self.history.items()}
 
 
-def _name_lens(exc: LensError, lens_id: str) -> None:
-    """Make a load failure name its lens: lenscore's corrupt/missing errors name only a path."""
-    if lens_id not in exc.message:
-        exc.message = f"lens {lens_id}: {exc.message}"
-        exc.args = (exc.message,)
-    exc.detail = {**exc.detail, "lens_id": lens_id}
+def _name_lens(exc: LensError, lens_id: str, paths: list[Path]) -> None:
+    """Make a load failure name its lens, and its files by name, never by server path."""
+    message = redact_text(exc.message, paths)
+    if lens_id not in message:
+        message = f"lens {lens_id}: {message}"
+    exc.message = message
+    exc.args = (message,)
+    exc.detail = {**redact(exc.detail, paths), "lens_id": lens_id}

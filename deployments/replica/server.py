@@ -31,7 +31,7 @@ from deployments.replica.registry import StatusPublisher
 from deployments.replica.residency import LensResidency
 from deployments.replica.status import LoadStats, ReplicaLenses, ReplicaMemory, ReplicaStatus
 from deployments.replica.tiers import ResidentLens
-from lenscore import AnalysisOptions, BadInput, analyze, generate, load_base
+from lenscore import AnalysisOptions, BadInput, analyze, generate, load_base, reply
 
 log = logging.getLogger("ray.serve")
 
@@ -103,7 +103,7 @@ class GroupServer:
                 advice="retry later or with a shorter text",
             )
         self.metrics.record_analysis(time.perf_counter() - started, len(result["rows"]))
-        result["meta"].update(self._ids(), switch=switch.as_dict())
+        result["meta"].update(self._public_meta(resident.lens_id), switch=switch.as_dict())
         return result
 
     async def analyze_stream(
@@ -133,7 +133,8 @@ class GroupServer:
         finally:
             stop.set()
         self.metrics.record_analysis(time.perf_counter() - started, len(result["rows"]))
-        meta = {**result["meta"], **self._ids(), "switch": switch.as_dict()}
+        meta = {**result["meta"], **self._public_meta(resident.lens_id),
+                "switch": switch.as_dict()}  # fmt: skip
         yield {"event": "meta", "meta": meta}
         for row in result["rows"]:
             yield {"event": "row", "row": row}
@@ -156,8 +157,43 @@ class GroupServer:
                 )
 
             result = await self.execution.run(resident, work, stop)
-        result["meta"].update(self._ids(), switch=switch.as_dict())
+        result["meta"].update(self._public_meta(resident.lens_id), switch=switch.as_dict())
         return result
+
+    async def send_message(self, body: dict[str, Any], *, lens_id: str | None = None) -> dict:
+        """One assistant reply to `messages` from the activation model, until end of turn."""
+        stop = threading.Event()
+        async with self.execution.using(self._request_lens_id(lens_id)) as (resident, switch):
+
+            def work() -> dict:
+                return reply(
+                    resident.lens,
+                    body.get("messages"),
+                    max_new_tokens=body.get("max_new_tokens", 1024),
+                    temperature=body.get("temperature", 1.0),
+                    seed=body.get("seed"),
+                    prefill=body.get("prefill"),
+                    should_stop=stop.is_set,
+                )
+
+            result = await self.execution.run(resident, work, stop)
+        lens = self.group.lens(resident.lens_id)
+        result["meta"].update(self._ids(), base_model=self.group.base_model.name,
+                              donor=lens.donor, switch=switch.as_dict())  # fmt: skip
+        return result
+
+    async def unload_lenses(self, *, lens_id: str | None = None) -> dict[str, Any]:
+        """Move every lens no request uses off this replica's device, to the host tier.
+
+        The legacy `/ws` `unload_group`; `lens_id` (or the multiplexed id) only routes the
+        call to a replica that holds that lens.
+        """
+        before = [r.lens_id for r in self.residency.slots.resident()]
+        await self.residency.free_device_memory()
+        after = [r.lens_id for r in self.residency.slots.resident()]
+        self.publisher.changed()
+        return {"replica_id": self.replica_id,
+                "evicted": [x for x in before if x not in after], "kept": after}  # fmt: skip
 
     async def ensure_lens(self, *, lens_id: str | None = None) -> dict[str, Any]:
         """Bring the lens onto the device (preload); a failed lens is retried now."""
@@ -265,6 +301,12 @@ class GroupServer:
     def _ids(self) -> dict[str, str]:
         return {"group_id": self.group.group_id, "replica_id": self.replica_id}
 
+    def _public_meta(self, lens_id: str) -> dict[str, Any]:
+        # lenscore names the base and donor by path; clients see the base's directory name
+        # and the donor's id from the group file.
+        return {**self._ids(), "base_model": self.group.base_model.name,
+                "donor": self.group.lens(lens_id).donor}  # fmt: skip
+
     def _log_event(self, event: str, lens_id: str | None, **fields: Any) -> None:
         record = {"event": event, **self._ids(), "lens_id": lens_id, **fields}
         log.info("%s", json.dumps(record, default=str))
@@ -288,4 +330,3 @@ def _replica_identity() -> tuple[str, str, str | None]:
         return f"local-{os.getpid()}", "", None
     actor_name = ray.get_runtime_context().get_actor_name()
     return context.replica_id.unique_id, context.app_name, actor_name
-

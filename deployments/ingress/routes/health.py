@@ -29,7 +29,8 @@ async def readyz(request: Request) -> Health:
     state: IngressState = request.app.state.ingress
     if not state.is_ready:
         raise NotReady("the router is still starting")
-    return Health(status="ready", groups=sorted(state.groups))
+    serving = sorted(g for g in state.groups if g not in state.report.groups)
+    return Health(status="ready", groups=serving, unavailable_groups=state.report.groups)
 
 
 @router.get("/", response_class=FileResponse, include_in_schema=False)

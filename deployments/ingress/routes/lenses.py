@@ -1,4 +1,4 @@
-"""`/api/v2/lenses`: lens info, analyze (JSON or NDJSON stream) and generate."""
+"""`/api/v2/lenses`: lens info, analyze (JSON or NDJSON stream), generate and send_message."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from deployments.ingress.auth import require_api_key
 from deployments.ingress.calls import NDJSON_MEDIA_TYPE, admit, ndjson_lines, open_analysis
 from deployments.ingress.catalog import lens_detail
+from deployments.ingress.job_schemas import SendMessageRequest, SendMessageResponse
 from deployments.ingress.schemas import (
     AUTH_ERRORS,
     AnalyzeRequest,
@@ -104,5 +105,21 @@ async def generate(lens_id: str, body: GenerateRequest, request: Request) -> Any
     state: IngressState = request.app.state.ingress
     group_id = admit(state, lens_id, body, "generate")
     result = await state.call(lens_id, "generate", body.replica_body())
+    result.setdefault("meta", {}).setdefault("group_id", group_id)
+    return result
+
+
+@router.post(
+    "/{lens_id}/send_message",
+    response_model=SendMessageResponse,
+    response_model_exclude_unset=True,
+    responses=CALL_ERRORS,
+    summary="One assistant reply from the lens's activation model",
+)
+async def send_message(lens_id: str, body: SendMessageRequest, request: Request) -> Any:
+    """Render `messages` with the chat template and reply until the end-of-turn marker."""
+    state: IngressState = request.app.state.ingress
+    group_id = admit(state, lens_id, body, "send_message")
+    result = await state.call(lens_id, "send_message", body.replica_body())
     result.setdefault("meta", {}).setdefault("group_id", group_id)
     return result
