@@ -145,7 +145,6 @@ def reply(
         stop_reason = "end_of_turn"
     meta = {
         "lens_id": lens.lens_id,
-        "model": str(model.path),
         "seed": seed,
         "temperature": temperature,
         "max_new_tokens": max_new_tokens,
