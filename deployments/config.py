@@ -325,6 +325,18 @@ class AppArgs(_Edge):
         description="Serve /docs and /openapi.json without a key; None: only when API keys "
         "are off.",
     )
+    jobs_ttl_s: PositiveFloat = Field(
+        3600, description="Seconds a finished job's result is kept; later reads answer 410."
+    )
+    jobs_max_count: PositiveInt = Field(
+        1000, description="Jobs kept per app; finished ones are dropped first to make room."
+    )
+    jobs_max_bytes: PositiveInt = Field(
+        512 * 1024**2, description="Bytes of job requests and results kept per app."
+    )
+    jobs_max_running: PositiveInt = Field(
+        4, description="Jobs one ingress replica runs at once; more stay queued."
+    )
 
 
 def api_keys_from_env(args: AppArgs) -> set[str]:

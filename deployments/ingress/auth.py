@@ -10,6 +10,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable, Iterable
+from urllib.parse import urlsplit
 
 from fastapi import WebSocketException, status
 from starlette.requests import HTTPConnection
@@ -52,9 +53,15 @@ class RateLimiter:
 class Guard:
     """What `require_api_key` checks: the key set and the optional rate limiter."""
 
-    def __init__(self, api_keys: Iterable[str], rate_limit_per_minute: int | None) -> None:
+    def __init__(
+        self,
+        api_keys: Iterable[str],
+        rate_limit_per_minute: int | None,
+        allowed_origins: Iterable[str] = (),
+    ) -> None:
         self._keys = [key.encode() for key in api_keys if key]
         self.limiter = RateLimiter(rate_limit_per_minute) if rate_limit_per_minute else None
+        self.allowed_origins = {origin.rstrip("/") for origin in allowed_origins}
 
     @property
     def is_enabled(self) -> bool:
@@ -93,6 +100,24 @@ def client_identity(connection: HTTPConnection, key: str | None) -> str:
     return "addr:" + host
 
 
+def is_allowed_origin(connection: HTTPConnection, guard: Guard) -> bool:
+    """Tell whether a WebSocket upgrade may proceed from where it says it comes from.
+
+    Browsers send `Origin` on every WebSocket upgrade and, unlike `fetch`, apply no CORS
+    check to it: any page a researcher opens could otherwise drive their local server
+    (cross-site WebSocket hijacking). Allowed: no `Origin` (not a browser), the server's own
+    origin (the page it serves), and the configured `cors_origins`.
+    """
+    origin = connection.headers.get("origin")
+    if origin is None:
+        return True
+    origin = origin.rstrip("/")
+    if origin in guard.allowed_origins or "*" in guard.allowed_origins:
+        return True
+    host = connection.headers.get("host", "")
+    return urlsplit(origin).netloc.lower() == host.lower() and host != ""
+
+
 def check_access(connection: HTTPConnection, guard: Guard) -> None:
     """Raise `Unauthorized` or `RateLimited` unless the connection may proceed."""
     key = presented_key(connection)
@@ -120,6 +145,8 @@ async def require_api_key(connection: HTTPConnection) -> None:
     if connection.scope.get("type") != "websocket":
         check_access(connection, guard)
         return
+    if not is_allowed_origin(connection, guard):
+        raise WebSocketException(status.WS_1008_POLICY_VIOLATION, "origin_not_allowed")
     try:
         check_access(connection, guard)
     except (Unauthorized, RateLimited) as exc:

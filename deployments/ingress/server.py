@@ -27,7 +27,7 @@ from deployments.ingress.middleware import (
     add_cors,
     max_body_bytes,
 )
-from deployments.ingress.routes import groups, health, lenses, metrics, ws
+from deployments.ingress.routes import docs, groups, health, lenses, metrics, ws
 from deployments.ingress.state import IngressState
 from deployments.ops.metrics import RouterMetrics
 
@@ -43,17 +43,25 @@ def build_fastapi_app(state: IngressState, guard: Guard) -> FastAPI:
         await state.start()
         yield
 
+    public_docs = state.args.public_docs
+    if public_docs is None:
+        public_docs = not guard.is_enabled
     app = FastAPI(
         title="lens-serve",
         version="2",
         description="Natural-language-autoencoder lenses over shared base models.",
         lifespan=lifespan,
+        docs_url="/docs" if public_docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if public_docs else None,
     )
     app.state.ingress = state
     app.state.guard = guard
     install_error_handlers(app)
     for module in (health, groups, lenses, ws, metrics):
         app.include_router(module.router)
+    if not public_docs:
+        app.include_router(docs.keyed_docs_router(app))
     # The page's scripts and styles: static files only, no data, so no key (like `/`).
     app.mount("/static", StaticFiles(directory=health.FRONTEND_DIR), name="static")
     # Starlette runs the last added middleware first: metrics, then CORS, then the size limit.
@@ -88,7 +96,11 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Build the app from the constructor's arguments (Serve's late-bound ASGI hook)."""
-        guard = Guard(api_keys_from_env(self.args), self.args.rate_limit_per_minute)
+        guard = Guard(
+            api_keys_from_env(self.args),
+            self.args.rate_limit_per_minute,
+            allowed_origins=self.args.cors_origins,
+        )
         state = IngressState(
             self.args, self.groups, self.handles, self.metrics, self.report, app_name=_app_name()
         )

@@ -78,6 +78,11 @@ class ClusterSpec(_Strict):
     models_pvc: str | None = Field(None, description="PVC with checkpoints and base models.")
     models_mount: str = Field("/models", description="Where the PVC is mounted.")
     metrics_port: PositiveInt = Field(8080, description="Ray metrics export port.")
+    api_keys_secret: str | None = Field(
+        "lens-serve-api-keys",
+        description="Secret whose key `keys` (comma-separated) becomes LENS_SERVE_API_KEYS in "
+        "every pod; None: no keys (auth off).",
+    )
     serve: ServeOverlay = Field(default_factory=ServeOverlay, description="Serve overrides.")
     head: HeadSpec = Field(description="Head pod resources.")
     workers: list[WorkerGroup] = Field(min_length=1, description="Worker groups.")
@@ -134,6 +139,15 @@ def _volumes(cluster: ClusterSpec) -> tuple[list[dict[str, Any]], list[dict[str,
     return volumes, mounts
 
 
+def _env(cluster: ClusterSpec) -> list[dict[str, Any]]:
+    # Keys never appear in the manifest: every pod reads them from the Secret. `optional`
+    # lets a cluster without the Secret start, with auth off, as `serve run` does locally.
+    if cluster.api_keys_secret is None:
+        return []
+    ref = {"name": cluster.api_keys_secret, "key": "keys", "optional": True}
+    return [{"name": "LENS_SERVE_API_KEYS", "valueFrom": {"secretKeyRef": ref}}]
+
+
 def _resources(cpu: str, memory: str, gpu: int) -> dict[str, Any]:
     amounts: dict[str, Any] = {"cpu": cpu, "memory": memory}
     if gpu:
@@ -153,6 +167,7 @@ def _pod_template(
                 "resources": resources,
                 "ports": ports,
                 "volumeMounts": mounts,
+                "env": _env(cluster),
                 # Stop Ray before the pod goes, so the GCS marks the node dead at once.
                 "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
             }

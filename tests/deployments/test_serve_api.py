@@ -699,6 +699,46 @@ def test_websocket_upgrade_without_the_key_is_refused(
         assert json.loads(socket.recv(timeout=60))["error"]["code"] == "unknown_lens"
 
 
+def test_openapi_follows_the_api_key_setting(api: httpx.Client, secure: httpx.Client) -> None:
+    assert api.get("/openapi.json").status_code == 200  # keys off: public
+    assert api.get("/docs").status_code == 200
+    _error(secure.get("/openapi.json"), 401, "unauthorized")
+    _error(secure.get("/docs"), 401, "unauthorized")
+    keyed = secure.get("/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert keyed.status_code == 200, keyed.text
+    assert "/api/v2/lenses/{lens_id}/analyze" in keyed.json()["paths"]
+
+
+def test_websocket_from_another_site_is_refused(api: httpx.Client, ray_cluster: Any) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    url = ray_cluster.http_url.replace("http://", "ws://") + "/api/v2/ws"
+    with pytest.raises(InvalidStatus) as refused:
+        with connect(url, origin="http://evil.example", open_timeout=30) as socket:
+            socket.recv(timeout=10)
+    assert refused.value.response.status_code == 403
+    own = ray_cluster.http_url  # the page lens-serve serves itself
+    with connect(url, origin=own, open_timeout=30) as socket:
+        socket.send(json.dumps({"type": "analyze", "id": 1, "lens_id": "nope", "text": TEXT}))
+        assert json.loads(socket.recv(timeout=60))["error"]["code"] == "unknown_lens"
+
+
+def test_a_chunked_body_over_the_limit_is_413(api: httpx.Client) -> None:
+    chunk = b" " * 65536
+
+    def body() -> Iterator[bytes]:
+        yield b'{"text": "'
+        for _ in range(40):  # 2.6 MB, over 8 bytes x 20,000 chars + 1 MiB
+            yield chunk
+        yield b'"}'
+
+    resp = api.post(f"/api/v2/lenses/{QWEN}/analyze", content=body(),
+                    headers={"Content-Type": "application/json"})  # fmt: skip
+    assert "content-length" not in resp.request.headers
+    _error(resp, 413, "text_too_long")
+
+
 def test_cors_allows_only_the_configured_origins(secure: httpx.Client) -> None:
     preflight = {"Access-Control-Request-Method": "POST"}
     ok = secure.options("/api/v2/groups", headers={"Origin": ALLOWED_ORIGIN, **preflight})
