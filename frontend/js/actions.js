@@ -22,13 +22,13 @@ export function createActions(store, api) {
     if (t && mutate) mutate(t);
   });
 
+  /** A 401 means the key is missing or wrong; any other answer from the server means it is not. */
   function noteAuthFailure(error) {
-    if (error.status === 401) {
-      store.update("auth", (s) => {
-        s.auth.required = true;
-        s.auth.error = error;
-      });
-    }
+    if (error.status === 0) return;
+    store.update("auth", (s) => {
+      s.auth.required = error.status === 401;
+      s.auth.error = error.status === 401 ? error : null;
+    });
   }
 
   // --- groups and residency ---------------------------------------------------------------
@@ -221,6 +221,7 @@ export function createActions(store, api) {
     controllers.set(id, controller);
     touchTab(id, (t) => {
       Object.assign(t, { status: "running", error: null, meta: null, rows: [], idleSeconds: 0 });
+      t.source = null; // a re-run of an imported analysis is no longer the file's
       t.progress = { done: 0, total: null };
       t.startedAt = Date.now();
       t.finishedAt = null;

@@ -83,7 +83,7 @@ function progressRow(tab, actions) {
   return row;
 }
 
-function columnToggles(state, available, actions, table) {
+function columnToggles(state, available, actions) {
   return h(
     "fieldset",
     { class: "columns" },
@@ -98,10 +98,7 @@ function columnToggles(state, available, actions, table) {
           checked: state.ui.columns[c.name] !== false && has,
           disabled: !has,
           dataset: { testid: `column-${c.name}` },
-          onchange: (event) => {
-            actions.setColumn(c.name, event.target.checked);
-            if (table) applyColumns(table, visibleColumns(state, available));
-          },
+          onchange: (event) => actions.setColumn(c.name, event.target.checked),
         }),
         ` ${c.label}`,
       );
@@ -190,7 +187,6 @@ export function mountAnalysis(root, store, actions, { toast }) {
 
   function toolbar(state, tab) {
     const available = availableColumns(tab.rows);
-    const table = body.querySelector(".result-table");
     return h(
       "div",
       { class: "toolbar" },
@@ -210,7 +206,7 @@ export function mountAnalysis(root, store, actions, { toast }) {
           ),
         ),
       ),
-      tab.view === "table" ? columnToggles(state, available, actions, table) : null,
+      tab.view === "table" ? columnToggles(state, available, actions) : null,
       h(
         "div",
         { class: "exports" },

@@ -69,6 +69,7 @@ export function initialState() {
     refreshedAt: null,
     selectedLensId: null,
     collapsed: {}, // group_id -> true when its section is closed
+    openHelp: {}, // group_id -> true while its "what is a group" tip is open
     preload: {}, // group_id -> {running, error, items: {lens_id: {state, ...}}}
     input: {
       mode: "text",

@@ -35,30 +35,33 @@ function estimateText(estimate) {
   }
 }
 
+const SWITCH_HELP = {
+  host: "a lens evicted from the device but kept in host RAM: a copy back to the device",
+  disk: "a lens on disk only: a read of its tensors",
+  cold: "no replica of the group is running: start one and load its base model, then the lens",
+};
+
 function switchSummary(group) {
   const est = group.estimated_switch_seconds || {};
   const src = (kind) => ((est.sources && est.sources[kind]) || est.source) === "measured" ? "measured" : "estimated";
-  const item = (label, kind) =>
+  const item = (kind) =>
     h(
-      "span",
-      { class: `est est-${src(kind)}`, title: `${label}: ${src(kind)}` },
-      `${label} ${formatSeconds(est[kind])}`,
-      h("sup", null, src(kind) === "measured" ? "m" : "e"),
+      "li",
+      { class: `est est-${src(kind)}`, title: SWITCH_HELP[kind], dataset: { testid: `switch-${kind}`, source: src(kind) } },
+      `${kind === "cold" ? "cold start" : `from ${kind}`} ≈ ${formatSeconds(est[kind])} `,
+      h("span", { class: "est-source" }, src(kind) === "measured" ? "(measured)" : "(est.)"),
     );
   return h(
     "div",
     { class: "switch-summary", dataset: { testid: "group-switch-times" } },
-    "switch: ",
-    item("host", "host"),
-    " · ",
-    item("disk", "disk"),
-    " · ",
-    item("cold", "cold"),
+    h("span", null, "switch to a lens: "),
+    h("ul", null, item("host"), item("disk"), item("cold")),
   );
 }
 
-function helpButton(text, label) {
-  const tip = h("span", { class: "help-tip", role: "tooltip", hidden: true }, text);
+/** A "?" button and its tip; `open` (store.state.openHelp) keeps it open across re-renders. */
+function helpButton(text, label, key, open) {
+  const tip = h("span", { class: "help-tip", role: "tooltip", hidden: !open[key] }, text);
   const button = h(
     "button",
     {
@@ -71,11 +74,13 @@ function helpButton(text, label) {
         event.preventDefault();
         event.stopPropagation();
         tip.hidden = !tip.hidden;
+        open[key] = !tip.hidden;
         button.setAttribute("aria-expanded", String(!tip.hidden));
       },
     },
     "?",
   );
+  button.setAttribute("aria-expanded", String(!tip.hidden));
   return [button, tip];
 }
 
@@ -204,7 +209,7 @@ function groupSection(state, group, actions) {
         " · ",
         h("span", { title: "base / all lenses / donors" }, `memory ${formatBytes(memory.base_bytes)} + ${formatBytes(memory.lens_bytes_total)} lenses`),
         " ",
-        ...helpButton(GROUP_HELP, `What is a group? (${group.name})`),
+        ...helpButton(GROUP_HELP, `What is a group? (${group.name})`, group.group_id, state.openHelp),
       ),
       switchSummary(group),
       status && status.error ? errorBox(status.error, { context: `reading the status of ${group.group_id}` }) : null,
