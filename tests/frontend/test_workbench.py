@@ -23,6 +23,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.deployments.conftest import wait_for
 from tests.frontend.conftest import deploy
 
 pytest.importorskip("playwright", reason="pip install -e '.[test]' installs playwright")
@@ -158,10 +159,14 @@ def test_switcher_lists_every_group_and_lens(
     assert "base model once" in help_button.get_attribute("title")
     help_button.click()
     expect(group(app, GEMMA_GROUP).get_by_role("tooltip")).to_be_visible()
-    # Clicking a lens selects it.
+    # Clicking a lens selects it; so does the keyboard.
     lens(app, DONOR_LENS).click()
     expect(lens(app, DONOR_LENS)).to_have_attribute("aria-checked", "true")
     expect(app.get_by_test_id("analyze-button")).to_contain_text(DONOR_LENS)
+    lens(app, QWEN).focus()
+    app.keyboard.press("Enter")
+    expect(lens(app, QWEN)).to_have_attribute("aria-checked", "true")
+    expect(lens(app, DONOR_LENS)).to_have_attribute("aria-checked", "false")
     screenshots(app, "switcher")
 
 
@@ -215,6 +220,11 @@ def test_an_analysis_fills_one_row_per_token_with_coloured_salience(
     expect(rows).to_have_count(len(expected))
     app.get_by_test_id("column-mse").check()
     expect(header).to_be_visible()
+    # Click-to-copy: a token cell puts the token on the clipboard.
+    app.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    rows.nth(2).get_by_role("cell").nth(1).click()
+    expect(app.get_by_test_id("toast")).to_contain_text("Copied")
+    assert app.evaluate("navigator.clipboard.readText()") == expected[2]["token"]
     screenshots(app, "table")
 
 
@@ -421,8 +431,6 @@ def test_cancel_stops_a_running_analysis(
     def idle() -> bool:
         replicas = served.client.get("/api/v2/groups/qwen2-tiny/status").json()["replicas"]
         return all(r["in_flight"] == 0 and r.get("busy_threads", 0) == 0 for r in replicas)
-
-    from tests.deployments.conftest import wait_for
 
     wait_for(idle, timeout_s=60, what="the replica to stop the cancelled analysis")
     expect(tab).to_have_attribute("data-status", "cancelled")
