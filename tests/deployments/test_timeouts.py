@@ -7,6 +7,7 @@ request is served at once. A client that hangs up on a plain JSON analysis does 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,11 +56,17 @@ def replicas(url: str) -> list[dict[str, Any]]:
     return response.json()["replicas"] if response.status_code == 200 else []
 
 
-def idle(url: str) -> bool:
+def idle(url: str, since: float) -> bool:
+    """Every replica reports, in a status taken after `since` (Unix time), nothing running.
+
+    busy_threads counts torch work still running: a request that is gone but whose analysis
+    thread was not stopped keeps it above 0. Only a status taken after the request ended
+    counts (an older one would show the replica idle from before the request).
+    """
     found = replicas(url)
-    # busy_threads counts torch work still running: a request that is gone but whose
-    # analysis thread was not stopped would keep it above 0.
-    return bool(found) and all(r["in_flight"] == 0 and r["busy_threads"] == 0 for r in found)
+    return bool(found) and all(
+        r["updated_at"] >= since and r["in_flight"] == 0 and r["busy_threads"] == 0 for r in found
+    )
 
 
 def quick_analysis(url: str) -> httpx.Response:
@@ -77,7 +84,8 @@ def test_a_request_past_the_timeout_is_504_and_its_work_is_cancelled(base_url, w
     assert response.status_code == 504, response.text
     error = response.json()["error"]
     assert error["code"] == "timeout" and "in time" in error["message"]
-    wait_until(lambda: idle(base_url), timeout_s=CANCELLED_WITHIN_S, what="work cancelled")
+    ended = time.time()
+    wait_until(lambda: idle(base_url, ended), timeout_s=CANCELLED_WITHIN_S, what="work cancelled")
     assert quick_analysis(base_url).status_code == 200
 
 
@@ -88,7 +96,8 @@ def test_a_client_that_hangs_up_leaves_nothing_in_flight(base_url, wait_until):
             json={"text": LONG_TEXT, "options": SLOW},
             timeout=0.3,
         )
-    wait_until(lambda: idle(base_url), timeout_s=CANCELLED_WITHIN_S, what="work cancelled")
+    ended = time.time()
+    wait_until(lambda: idle(base_url, ended), timeout_s=CANCELLED_WITHIN_S, what="work cancelled")
     started = quick_analysis(base_url)
     assert started.status_code == 200
     assert started.json()["meta"]["switch"]["kind"] == "hit"
