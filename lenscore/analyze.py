@@ -153,12 +153,7 @@ def _explain(
     keys = None
     if temperature > 0:
         keys = SampleKeys.grid(options.seed, positions, k, lens.base.device)
-    many = decode(
-        lens, acts, temperature=temperature, keys=keys, repeats=k, shared=shared
-    )  # [B*k, t]
-    if k == 1:
-        recon = encode(lens, many, current, shared=shared)
-        return many, recon, mse_of(acts, recon)
+    many = decode(lens, acts, temperature=temperature, keys=keys, repeats=k, shared=shared)
     recons = encode(lens, many, current.repeat_interleave(k), shared=shared)  # [B*k, d]
     errors = mse_of(acts.repeat_interleave(k, 0), recons)
     best = errors.view(-1, k).argmin(dim=1)  # [B]
