@@ -21,6 +21,8 @@ from deployments.checks import StartupReport
 from deployments.config import AppArgs, GroupSpec, api_keys_from_env
 from deployments.ingress.auth import Guard
 from deployments.ingress.errors import install_error_handlers
+from deployments.ingress.jobs import JobRunner
+from deployments.ingress.legacy import routers as legacy_routers
 from deployments.ingress.middleware import (
     BodySizeLimit,
     RequestMetricsMiddleware,
@@ -28,6 +30,7 @@ from deployments.ingress.middleware import (
     max_body_bytes,
 )
 from deployments.ingress.routes import docs, groups, health, lenses, metrics, ws
+from deployments.ingress.routes import jobs as job_routes
 from deployments.ingress.state import IngressState
 from deployments.ops.metrics import RouterMetrics
 
@@ -42,6 +45,7 @@ def build_fastapi_app(state: IngressState, guard: Guard) -> FastAPI:
         app.state.guard = guard
         await state.start()
         yield
+        await app.state.jobs.close()
 
     public_docs = state.args.public_docs
     if public_docs is None:
@@ -57,9 +61,13 @@ def build_fastapi_app(state: IngressState, guard: Guard) -> FastAPI:
     )
     app.state.ingress = state
     app.state.guard = guard
+    app.state.jobs = JobRunner(state)  # durable jobs run here, kept in the job store
     install_error_handlers(app)
     for module in (health, groups, lenses, ws, metrics):
         app.include_router(module.router)
+    app.include_router(job_routes.router)
+    for router in legacy_routers:  # the old backend's clients (README §Migrating)
+        app.include_router(router)
     if not public_docs:
         app.include_router(docs.keyed_docs_router(app))
     # The page's scripts and styles: static files only, no data, so no key (like `/`).

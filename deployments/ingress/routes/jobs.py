@@ -42,7 +42,7 @@ JOB_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def public_view(view: dict[str, Any]) -> dict[str, Any]:
-    """The view without the store's bookkeeping (`version`)."""
+    """Return the view without the store's bookkeeping (`version`)."""
     return {k: v for k, v in view.items() if k != "version"}
 
 
