@@ -53,8 +53,16 @@ export function installSalienceStyles() {
   document.head.appendChild(h("style", { id: "salience-styles" }, rules.join("\n")));
 }
 
+// Rows arrays are replaced, never edited in place, so a domain can be kept per array.
+const domains = new WeakMap();
+
 /** The colour domain of one analysis: 0 .. the 98th percentile of its positive salience. */
 export function salienceDomain(rows) {
+  if (!domains.has(rows)) domains.set(rows, computeDomain(rows));
+  return domains.get(rows);
+}
+
+function computeDomain(rows) {
   const values = [];
   for (const row of rows) {
     for (const v of row.token_salience || []) if (v > 0 && Number.isFinite(v)) values.push(v);

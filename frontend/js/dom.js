@@ -114,7 +114,9 @@ export function runChunked(n, work, { budgetMs = 12, onDone } = {}) {
     if (next < n) yieldThen(step);
     else if (onDone) onDone();
   };
-  step();
+  // The first slice runs in a task of its own, too: whatever led here (parsing a stream or a
+  // file) has used its share of the frame.
+  yieldThen(step);
   return {
     cancel() {
       cancelled = true;
