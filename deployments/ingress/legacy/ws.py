@@ -25,12 +25,8 @@ from deployments.ingress.auth import Guard, client_identity, presented_key, requ
 from deployments.ingress.calls import admit
 from deployments.ingress.errors import STATUS, Overloaded, RateLimited, body_for
 from deployments.ingress.jobs import JobRunner, JobSpec, job_owner
-from deployments.ingress.legacy import catalog, groups, mapping
-from deployments.ingress.legacy.schemas import (
-    AUTO_BATCH_SIZE_MAX,
-    LegacyAnalyzeOptions,
-    LegacyGenerateOptions,
-)
+from deployments.ingress.legacy import catalog, groups, mapping, messages
+from deployments.ingress.legacy.schemas import LegacyAnalyzeOptions, LegacyGenerateOptions
 from deployments.ingress.state import IngressState
 from lenscore import BadInput, LensError
 
@@ -44,10 +40,6 @@ MAX_UNFINISHED_PER_SOCKET = 64
 # Messages that start work count against the rate limit, like v2 requests.
 LIMITED = {"analyze", "generate", "generate_and_analyze", "preload_group", "load_group",
            "unload_group"}  # fmt: skip
-NO_GLOBAL_SWITCH = (
-    "lens {lens_id} selected for this connection only; lens-serve has no global model "
-    "switch, so other users are not affected (lenses load on first use)"
-)
 
 
 class LegacySession:
@@ -101,15 +93,7 @@ class LegacySession:
 
     async def greet(self) -> None:
         """Send what the old backend sent on connect: who we are, the groups, the queue."""
-        group = self.state.group_for_lens(self.lens_id)
-        await self.send({
-            "type": "connection_established",
-            "message": "Connected to lens-serve; " + NO_GLOBAL_SWITCH.format(lens_id=self.lens_id),
-            "model_id": self.lens_id,
-            "model_name": group.lens(self.lens_id).name,
-            "auto_batch_size_max": AUTO_BATCH_SIZE_MAX,
-            "generation_config": {},
-        })  # fmt: skip
+        await self.send(messages.greeting(self.state, self.lens_id))
         await self.list_model_groups({})
         await self.send({"type": "queue_update", **await self.runner.queue_stats()})
 
@@ -132,7 +116,7 @@ class LegacySession:
                 self._check_rate()
             await handler(raw)
         except (LensError, ValidationError) as exc:
-            await self.send_error(_as_lens_error(exc), request_type=kind)
+            await self.send_error(messages.as_lens_error(exc), request_type=kind)
         except Exception as exc:  # any other failure is a 500-style error message, logged
             await self.send_error(exc, request_type=kind)
 
@@ -189,16 +173,7 @@ class LegacySession:
         self.lens_id = lens_id
         snapshots = await self.state.snapshots()
         info = catalog.model_info(self.state, lens_id, snapshots)
-        await self.send({
-            "type": "model_switch_complete",
-            "model_id": lens_id,
-            "group_id": info["group_id"],
-            "device_id": None,
-            "message": NO_GLOBAL_SWITCH.format(lens_id=lens_id),
-            "model_info": info,
-            "generation_config": {},
-            "scope": "connection",
-        })  # fmt: skip
+        await self.send(messages.switch_complete(info))
 
     async def get_model_info(self, raw: dict[str, Any]) -> None:
         """`model_info` for one lens (this connection's when no `model_id`)."""
@@ -321,7 +296,7 @@ class LegacySession:
             await self.send({"type": "processing", **ids,
                              "message": f"{verb} with {spec.lens_id}..."})  # fmt: skip
         elif kind == "progress":
-            await self.send(_progress(ids, event, info.get("started")))
+            await self.send(messages.progress(ids, event, info.get("started")))
         elif kind == "finished":
             self.jobs.pop(job_id, None)
             await self._on_finished(job_id, spec, event, ids)
@@ -329,26 +304,13 @@ class LegacySession:
     async def _on_finished(
         self, job_id: str, spec: JobSpec, event: dict[str, Any], ids: dict[str, Any]
     ) -> None:
-        status, error = event["status"], event.get("error") or {}
-        if status == "completed":
-            view = {"kind": spec.kind, "lens_id": spec.lens_id, "request": spec.request,
-                    "result": event["result"]}  # fmt: skip
-            result = mapping.legacy_result(self.state, view)
-            if spec.kind == "generate":
-                completions = (result or {}).get("completions") or [None]
-                self.generated[job_id] = completions[0]
-                await self.send({"type": "generation_complete", **ids, "result": result})
-            else:
-                await self.send({"type": "completed", **ids, "result": result})
-        elif status == "cancelled":
-            if job_id not in self.answered:
-                await self.send({"type": "request_cancelled", **ids,
-                                 "message": "Request cancelled"})  # fmt: skip
-            self.answered.discard(job_id)
-        else:
-            kind = "generation_error" if spec.kind == "generate" else "error"
-            await self.send({"type": kind, **ids, "error": error.get("message", "failed"),
-                             "code": error.get("code")})  # fmt: skip
+        if event["status"] == "cancelled" and job_id in self.answered:
+            self.answered.discard(job_id)  # its cancel_request / interrupt was answered
+            return
+        message = messages.finished(self.state, spec, event, ids)
+        if message["type"] == "generation_complete":
+            self.generated[job_id] = (message["result"].get("completions") or [None])[0]
+        await self.send(message)
 
     async def cancel_request(self, raw: dict[str, Any]) -> None:
         """`cancel_request` -> `request_cancelled`; `interrupt` -> `interrupted`."""
@@ -388,25 +350,11 @@ class LegacySession:
         self._spawn(self._preload(group, raw["type"]))
 
     async def _preload(self, group: Any, kind: str) -> None:
-        loaded, failed, total = [], {}, len(group.lenses)
         try:
-            async for item in groups.preload_group(self.state, group):
-                if item.ok:
-                    loaded.append(item.lens_id)
-                else:
-                    failed[item.lens_id] = item.error.message if item.error else "failed"
-                await self.send({"type": "group_preload_progress", "group_id": group.group_id,
-                                 "lens_id": item.lens_id, "ok": item.ok,
-                                 "done": len(loaded) + len(failed), "total": total})  # fmt: skip
+            async for message in groups.preload_messages(self.state, group, kind):
+                await self.send(message)
         except LensError as exc:
             await self.send_error(exc, group_id=group.group_id)
-            return
-        message = f"Preloaded {len(loaded)} of {total} lenses of group {group.group_id}"
-        done = {"group_id": group.group_id, "message": message, "loaded_models": loaded,
-                "failed": failed}  # fmt: skip
-        await self.send({"type": "group_preload_complete", **done})
-        if kind == "load_group":
-            await self.send({"type": "group_loaded", **done, "device_id": None})
 
     async def unload_group(self, raw: dict[str, Any]) -> None:
         """Move a group's lenses off the devices (`group_unload_complete`)."""
@@ -418,41 +366,7 @@ class LegacySession:
         self._spawn(self._unload(self.state.groups[group_id]))
 
     async def _unload(self, group: Any) -> None:
-        try:
-            moved = await groups.unload_group(self.state, group)
-        except LensError as exc:
-            await self.send({"type": "group_unload_error", "group_id": group.group_id,
-                             "error": exc.message})  # fmt: skip
-            return
-        kept = f"; {len(moved['kept'])} in use stay" if moved["kept"] else ""
-        await self.send({
-            "type": "group_unload_complete",
-            "group_id": group.group_id,
-            "group_name": group.name,
-            "evicted": moved["evicted"],
-            "kept": moved["kept"],
-            "message": f"moved {len(moved['evicted'])} lenses of {group.name} off the devices "
-            f"to host memory{kept}",
-        })  # fmt: skip
-
-
-def _progress(ids: dict[str, Any], event: dict[str, Any], started: float | None) -> dict:
-    done, total = event["done"], event["total"]
-    eta = None
-    if started is not None and done:
-        eta = round((time.monotonic() - started) / done * (total - done), 1)
-    return {"type": "progress", **ids, "current": done, "total": total,
-            "progress": 100.0 * done / total if total else 0.0,
-            "message": f"Analyzing tokens ({done}/{total})", "eta_seconds": eta}  # fmt: skip
-
-
-def _as_lens_error(exc: Exception) -> Exception:
-    if isinstance(exc, ValidationError):
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        return BadInput(problems, {"problems": exc.errors(include_url=False)})
-    return exc
+        await self.send(await groups.unload_message(self.state, group))
 
 
 @router.websocket("/ws")
