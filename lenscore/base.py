@@ -249,7 +249,7 @@ class Base:
             new_cache = getattr(out, "past_key_values", None)
         return out.last_hidden_state, new_cache
 
-    def prefix_cache(self, embeds: torch.Tensor, rows: int) -> Any:
+    def cache_prefix(self, embeds: torch.Tensor, rows: int) -> Any:
         """KV cache of one shared prefix, computed once and expanded to `rows` rows.
 
         Args:

@@ -78,7 +78,7 @@ def _prompt_pass_shared(lens: Lens, slots: torch.Tensor) -> tuple[torch.Tensor, 
     batch = slots.shape[1]
     cache = None
     if left.shape[0] > 0:
-        cache = base.prefix_cache(left.to(base.dtype) * base.embed_scale, batch)
+        cache = base.cache_prefix(left.to(base.dtype) * base.embed_scale, batch)
     rest = _slot_and_right(lens, slots[0]).to(base.dtype) * base.embed_scale  # [B, 1+Rp, d]
     with base.hooked(pre=_patch_plan(lens, slots, at=0)):
         hidden, cache = base.run_inner(rest, cache=cache, use_cache=True)

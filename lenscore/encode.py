@@ -74,7 +74,7 @@ def encode(
         hidden = _tail_embeds(lens, explanation_ids, current_ids)[:, -1]  # input of block 0
     elif shared and soft.shape[0] > 0:
         tail = _tail_embeds(lens, explanation_ids, current_ids)  # [B, t + S2 (+1), d]
-        cache = base.prefix_cache(soft, tail.shape[0])
+        cache = base.cache_prefix(soft, tail.shape[0])
         hidden = base.capture(tail, layer, cache=cache)[:, -1]  # [B, d]
     else:
         embeds = encoder_embeds(lens, explanation_ids, current_ids)

@@ -179,7 +179,7 @@ def test_expanded_sliding_window_cache_keeps_layer_kinds_and_rows(small_window_g
 
     base = small_window_gemma
     embeds = base.embed_ids(torch.arange(3, 13)[None])[0]  # [10, d]
-    cache = base.prefix_cache(embeds, 3)
+    cache = base.cache_prefix(embeds, 3)
     kinds = [type(layer).__name__ for layer in cache.layers]
     assert kinds == ["DynamicSlidingWindowLayer", "DynamicLayer", "DynamicSlidingWindowLayer"]
     assert cache.layers[0].keys.shape[0] == 3 and cache.layers[0].keys.shape[2] == 3  # window-1
