@@ -51,13 +51,18 @@ class SampleKeys:
 
         `samples` is one k for all positions or one k per position.
         """
-        counts = [samples] * len(positions) if isinstance(samples, int) else list(samples)
-        pos = [p for p, k in zip(positions, counts, strict=True) for _ in range(k)]
-        sample = [j for k in counts for j in range(k)]
+        pos = torch.as_tensor(list(positions), dtype=torch.int64, device=device)  # [B]
+        if isinstance(samples, int):
+            counts = torch.full_like(pos, samples)
+        else:
+            counts = torch.as_tensor(list(samples), dtype=torch.int64, device=device)
+        rows = int(counts.sum())
+        starts = torch.cumsum(counts, dim=0) - counts  # first row of each position
+        sample = torch.arange(rows, device=device) - starts.repeat_interleave(counts)
         return cls(
-            seed=torch.full((len(pos),), seed, dtype=torch.int64, device=device),
-            position=torch.tensor(pos, dtype=torch.int64, device=device),
-            sample=torch.tensor(sample, dtype=torch.int64, device=device),
+            seed=torch.full((rows,), seed, dtype=torch.int64, device=device),
+            position=pos.repeat_interleave(counts),
+            sample=sample,
         )
 
     def __len__(self) -> int:

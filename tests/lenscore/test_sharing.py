@@ -58,14 +58,14 @@ def test_shared_prompt_decoding_equals_the_unshared_path(demo_dir, bases, lens_i
     lens, _, acts = lens_and_acts(demo_dir, bases, lens_id)
     greedy = decode(lens, acts, temperature=0)
     assert torch.equal(greedy, decode(lens, acts, temperature=0, shared=False))
-    acts = acts[:8]
-    keys = SampleKeys.grid(11, range(8), 4)
+    acts = acts[:5]
+    keys = SampleKeys.grid(11, range(5), 4)
     shared = decode(lens, acts, temperature=1.0, keys=keys, repeats=4)
     unshared = decode(lens, acts, temperature=1.0, keys=keys, repeats=4, shared=False)
-    assert shared.shape == (32, lens.config.t_text)
+    assert shared.shape == (20, lens.config.t_text)
     assert torch.equal(shared, unshared), (shared != unshared).nonzero()
     # A real draw: the samples of one position are not all equal.
-    assert len({tuple(row) for row in shared.tolist()}) > 8
+    assert len({tuple(row) for row in shared.tolist()}) > 5
 
 
 @pytest.mark.parametrize("lens_id", sorted(LENSES))
@@ -190,6 +190,9 @@ def test_expanded_sliding_window_cache_keeps_layer_kinds_and_rows(small_window_g
 
 
 def test_uniforms_depend_only_on_their_keys():
+    keys = SampleKeys.grid(5, [3, 9, 4], [2, 0, 3])
+    assert keys.position.tolist() == [3, 3, 4, 4, 4]
+    assert keys.sample.tolist() == [0, 1, 0, 1, 2]
     a = uniforms(SampleKeys.grid(2**63 - 1, [0, 7, 2**32 - 1], 3), 4)
     b = uniforms(SampleKeys.grid(2**63 - 1, [2**32 - 1], [3]), 6)
     assert torch.equal(a[6:], b[:, :4])
