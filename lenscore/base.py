@@ -250,7 +250,7 @@ class Base:
         return out.last_hidden_state, new_cache
 
     def cache_prefix(self, embeds: torch.Tensor, rows: int) -> Any:
-        """KV cache of one shared prefix, computed once and expanded to `rows` rows.
+        """Run one shared prefix once and return its KV cache expanded to `rows` rows.
 
         Args:
             embeds: layer-0 input of the prefix, [seq, d] (already scaled).

@@ -68,7 +68,7 @@ def _patch_plan(lens: Lens, slots: torch.Tensor, at: int) -> dict[int, Callable]
 
 
 def _prompt_pass_shared(lens: Lens, slots: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """Last prompt position's hidden state [B, d] and the prompt cache (B rows).
+    """Run the prompt; return the last position's hidden state [B, d] and cache (B rows).
 
     The left prompt precedes the slot, so under the causal mask it is the same for every row
     and no patch touches it: one row computes it, the cache copies it to B rows.
