@@ -183,7 +183,7 @@ def test_api_keys_match_exactly() -> None:
 
 
 def test_health_and_readiness_need_no_key(api: httpx.Client) -> None:
-    assert api.get("/healthz").json() == {"status": "ok", "groups": []}
+    assert api.get("/healthz").json() == {"status": "ok", "groups": [], "unavailable_groups": {}}
     ready = api.get("/readyz").json()
     assert ready["status"] == "ready"
     assert ready["groups"] == GROUP_IDS
@@ -516,7 +516,9 @@ def test_groups_list_has_the_design_shape(
         for lens in group["lenses"]:
             assert set(lens) == {
                 "lens_id", "name", "layer", "t_text", "donor", "bytes", "visible", "residency",
+                "status", "reason",
             }  # fmt: skip
+            assert lens["status"] == "available" and lens["reason"] is None, lens
             entry = demo_manifest["lenses"][lens["lens_id"].replace(COLD_GROUP, "qwen2-tiny")]
             assert entry["base"] == group["group_id"].replace(COLD_GROUP, "qwen2-tiny")
             assert (lens["layer"], lens["t_text"], lens["donor"]) == (
