@@ -22,7 +22,7 @@ OTHER_KEY = "jobs-other-key-9876543210"
 TTL_S = 6.0
 QWEN = "qwen2-tiny-l1"
 TEXT = "The quick brown fox jumps over the lazy dog."
-LONG_TEXT = " ".join(["Researchers read what the model thinks at every token."] * 30)
+LONG_TEXT = " ".join(["Researchers read what the model thinks at every token."] * 60)
 
 
 def deploy(
