@@ -244,15 +244,17 @@ def generate(
     temperature: float = 1.0,
     seed: int | None = None,
     num_continuations: int = 1,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Sample continuations from the lens's activation model (donor if any, else base).
 
     The prompt runs once; its cache is expanded to the continuations. Continuation i draws
-    with keys (seed, i, 0) (`lenscore.sampling`).
+    with keys (seed, i, 0) (`lenscore.sampling`). `should_stop` is asked before each token.
 
     Raises:
         BadInput: bad input or bounds (max_new_tokens 1..1024, temperature 0..2,
             num_continuations 1..16).
+        Cancelled: `should_stop()` said so. OutOfDeviceMemory: an allocation failed.
 
     """
     if not (isinstance(max_new_tokens, int) and 1 <= max_new_tokens <= 1024):
@@ -267,29 +269,53 @@ def generate(
     ids = torch.tensor([tokens.ids], device=model.device)  # [1, T]
     keys = SampleKeys.grid(seed, range(num_continuations), 1, model.device)
     u = uniforms(keys, max_new_tokens)  # [N, max_new_tokens]
-    out = []
-    with torch.no_grad():
-        hidden, cache = model.run_inner(ids, use_cache=True)
-        rows = torch.zeros(num_continuations, dtype=torch.int64, device=model.device)
-        cache = expand_cache(cache, rows)
-        logits = model.logits(hidden[:, -1], softcap=True)[rows]  # [N, vocab]
-        for step in range(max_new_tokens):
-            chosen = choose_tokens(logits, temperature, u[:, step])  # [N]
-            out.append(chosen)
-            if step + 1 < max_new_tokens:
-                hidden, cache = model.run_inner(chosen[:, None], cache=cache, use_cache=True)
-                logits = model.logits(hidden[:, -1], softcap=True)
-    new_ids = torch.stack(out, dim=1).tolist()
+    try:
+        new_ids = _continue(model, ids, num_continuations, max_new_tokens, temperature, u,
+                            should_stop)  # fmt: skip
+    except torch.OutOfMemoryError as exc:
+        raise OutOfDeviceMemory(
+            f"out of device memory generating with lens {lens.lens_id}",
+            {"lens_id": lens.lens_id, "num_continuations": num_continuations},
+        ) from exc
+    if new_ids is None:
+        raise Cancelled(f"generation with lens {lens.lens_id} cancelled by the caller")
     conts = [
         {"text": model.tokenizer.decode(row, skip_special_tokens=False), "token_ids": row}
         for row in new_ids
     ]
     meta = {
         "lens_id": lens.lens_id,
-        "model": str(model.path),
+        "model": model.path.name,
         "seed": seed,
         "temperature": temperature,
         "max_new_tokens": max_new_tokens,
         "timings": {"total_seconds": round(time.perf_counter() - started, 6)},
     }
     return {"meta": meta, "continuations": conts}
+
+
+def _continue(
+    model: Any,
+    ids: torch.Tensor,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    u: torch.Tensor,
+    should_stop: Callable[[], bool] | None,
+) -> list[list[int]] | None:
+    """Generate `max_new_tokens` for `n` copies of the prompt `ids` [1, T]; None if stopped."""
+    out = []
+    with torch.no_grad():
+        hidden, cache = model.run_inner(ids, use_cache=True)
+        rows = torch.zeros(n, dtype=torch.int64, device=model.device)
+        cache = expand_cache(cache, rows)
+        logits = model.logits(hidden[:, -1], softcap=True)[rows]  # [N, vocab]
+        for step in range(max_new_tokens):
+            if should_stop is not None and should_stop():
+                return None
+            chosen = choose_tokens(logits, temperature, u[:, step])  # [N]
+            out.append(chosen)
+            if step + 1 < max_new_tokens:
+                hidden, cache = model.run_inner(chosen[:, None], cache=cache, use_cache=True)
+                logits = model.logits(hidden[:, -1], softcap=True)
+    return torch.stack(out, dim=1).tolist()

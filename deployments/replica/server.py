@@ -50,6 +50,7 @@ class GroupServer:
         *,
         device: str | None = None,
         run_analysis: Callable[..., dict[str, Any]] = analyze,
+        run_generation: Callable[..., dict[str, Any]] = generate,
     ) -> None:
         """Load the base onto this replica's device; lenses load on their first request.
 
@@ -57,10 +58,12 @@ class GroupServer:
             group: the validated group.
             device: force a device (default: the GPU Ray assigned, else CPU).
             run_analysis: `lenscore.analyze`; a test seam for injecting a device OOM.
+            run_generation: `lenscore.generate`; the same seam for generation.
 
         """
         self.group = group
         self._analyze = run_analysis
+        self._generate = run_generation
         identity = _replica_identity()
         self.replica_id, self.app_name, self._actor_name = identity
         self.device = torch.device(device or _pick_device())
@@ -146,7 +149,7 @@ class GroupServer:
         async with self.execution.using(self._request_lens_id(lens_id)) as (resident, switch):
 
             def work() -> dict:
-                return generate(
+                return self._generate(
                     resident.lens,
                     text=body.get("text"),
                     messages=body.get("messages"),
@@ -154,9 +157,12 @@ class GroupServer:
                     temperature=body.get("temperature", 1.0),
                     seed=body.get("seed"),
                     num_continuations=body.get("num_continuations", 1),
+                    should_stop=stop.is_set,
                 )
 
-            result = await self.execution.run(resident, work, stop)
+            result = await self.execution.run_with_oom_retry(
+                resident, work, work, stop, advice="retry later or with fewer continuations"
+            )
         result["meta"].update(self._public_meta(resident.lens_id), switch=switch.as_dict())
         return result
 
@@ -176,7 +182,9 @@ class GroupServer:
                     should_stop=stop.is_set,
                 )
 
-            result = await self.execution.run(resident, work, stop)
+            result = await self.execution.run_with_oom_retry(
+                resident, work, work, stop, advice="retry later or with a shorter chat"
+            )
         lens = self.group.lens(resident.lens_id)
         result["meta"].update(self._ids(), base_model=self.group.base_model.name,
                               donor=lens.donor, switch=switch.as_dict())  # fmt: skip

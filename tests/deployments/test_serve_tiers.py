@@ -14,7 +14,7 @@ import torch
 
 from deployments.group_files import load_groups
 from deployments.replica.server import GroupServer
-from lenscore import Cancelled, OutOfDeviceMemory, analyze
+from lenscore import Cancelled, OutOfDeviceMemory, analyze, generate
 
 LENSES = ["qwen2-tiny-l1", "qwen2-tiny-l2-first2", "qwen2-tiny-l0-single"]
 BODY = {"text": "The quick brown fox jumps.", "options": {"temperature": 0.0}}
@@ -151,3 +151,69 @@ def test_closing_a_stream_stops_the_analysis_between_batches(write_groups):
     assert outcomes == ["cancelled"]
     assert server.residency.slots.resident()[0].users == 0
     assert server.execution.in_flight == 0
+
+
+GEN_BODY = {"text": "Once upon a time", "max_new_tokens": 4, "temperature": 0.0}
+
+
+def test_generate_frees_memory_and_retries_once_then_answers_503(write_groups):
+    calls: list[str] = []
+
+    def oom_twice_then_ok(lens, **kwargs: Any) -> dict[str, Any]:
+        calls.append(lens.lens_id)
+        if kwargs.get("max_new_tokens") == 5:  # the second request: OOM, and OOM again
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return generate(lens, **kwargs)
+
+    group = load_groups(write_groups(replica={"max_lenses_per_replica": 2}))[0]
+    server = GroupServer(group, device="cpu", run_generation=oom_twice_then_ok)
+
+    async def scenario() -> None:
+        await server.ensure_lens(lens_id=LENSES[1])
+        ok = await server.generate(GEN_BODY, lens_id=LENSES[0])
+        assert ok["continuations"][0]["token_ids"]
+        with pytest.raises(OutOfDeviceMemory) as info:
+            await server.generate({**GEN_BODY, "max_new_tokens": 5}, lens_id=LENSES[0])
+        assert "retry later" in info.value.message
+        # The retry came after idle lenses left the device (the first OOM freed them).
+        assert [r.lens_id for r in server.residency.slots.resident()] == [LENSES[0]]
+        assert LENSES[1] in server.residency.host
+        assert server.execution.in_flight == 0 and server.execution.busy_threads == 0
+
+    asyncio.run(scenario())
+    assert len(calls) == 3
+
+
+def test_a_cancelled_generation_stops_at_the_next_token(write_groups):
+    outcomes: list[str] = []
+
+    def recording(lens, **kwargs: Any) -> dict[str, Any]:
+        try:
+            result = generate(lens, **kwargs)
+        except Cancelled:
+            outcomes.append("cancelled")
+            raise
+        outcomes.append("finished")
+        return result
+
+    server = GroupServer(load_groups(write_groups())[0], device="cpu", run_generation=recording)
+    body = {"text": "Once upon a time", "max_new_tokens": 1024, "num_continuations": 16}
+
+    async def scenario() -> None:
+        await server.ensure_lens(lens_id=LENSES[0])
+        task = asyncio.ensure_future(server.generate(body, lens_id=LENSES[0]))
+        for _ in range(500):  # until its thread runs
+            if server.execution.busy_threads:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(1000):
+            if outcomes:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    assert outcomes == ["cancelled"]
+    assert server.execution.busy_threads == 0
