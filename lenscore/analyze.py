@@ -21,7 +21,7 @@ from lenscore.encode import encode
 from lenscore.errors import BadInput, Cancelled, OutOfDeviceMemory
 from lenscore.inputs import Tokens, tokenize_input
 from lenscore.lens import Lens
-from lenscore.options import AnalysisOptions
+from lenscore.options import AnalysisOptions, check_bound
 from lenscore.sampling import SampleKeys, choose_tokens, uniforms
 from lenscore.scores import kl_at_positions, logit_lens_top, mse_of, salience
 
@@ -257,10 +257,8 @@ def generate(
         Cancelled: `should_stop()` said so. OutOfDeviceMemory: an allocation failed.
 
     """
-    if not (isinstance(max_new_tokens, int) and 1 <= max_new_tokens <= 1024):
-        raise BadInput("max_new_tokens must be an integer within 1..1024")
-    if not (isinstance(num_continuations, int) and 1 <= num_continuations <= 16):
-        raise BadInput("num_continuations must be an integer within 1..16")
+    check_bound("max_new_tokens", max_new_tokens)
+    check_bound("num_continuations", num_continuations)
     AnalysisOptions(temperature=temperature, seed=seed).validate()
     model = lens.activation_model
     tokens = tokenize_input(model.tokenizer, text, messages)

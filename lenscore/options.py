@@ -1,4 +1,9 @@
-"""Analysis options (LENS_FORMAT.md §Analysis options): bounds are errors, never clamps."""
+"""Analysis options (LENS_FORMAT.md §Analysis options): bounds are errors, never clamps.
+
+`BOUNDS` is the one table of option bounds: `AnalysisOptions.validate`, `generate`, the HTTP
+schemas (deployments/ingress/schemas.py), the CLI and docs/LENS_FORMAT.md (checked by a
+test) all read it.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,45 @@ from typing import Any
 
 from lenscore.errors import BadInput
 
-MAX_TEMPERATURE = 2.0
-MAX_BEST_OF_K = 64
-MAX_BATCH_SIZE = 4096
+
+@dataclass(frozen=True)
+class Bound:
+    """Allowed values of one numeric option: `low`..`high`, `low` excluded when `low_open`."""
+
+    low: float
+    high: float | None
+    integer: bool
+    low_open: bool = False
+
+    def allows(self, value: Any) -> bool:
+        """Tell whether `value` is of the right type and within bounds."""
+        if not (_is_int(value) if self.integer else _is_number(value)):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        return above and (self.high is None or value <= self.high)
+
+    def text(self) -> str:
+        """Write the bounds as messages and docs show them, e.g. `1..64` or `(0, 2]`."""
+        high = "" if self.high is None else _number_text(self.high)
+        if self.low_open:
+            return f"({_number_text(self.low)}, {high}]"
+        return f"{_number_text(self.low)}..{high}"
+
+
+BOUNDS: dict[str, Bound] = {
+    "temperature": Bound(0.0, 2.0, integer=False),
+    "optimize_temperature": Bound(0.0, 2.0, integer=False, low_open=True),
+    "best_of_k": Bound(1, 64, integer=True),
+    # Rows per decode pass: past a few hundred nothing gets faster, only riskier on memory.
+    "batch_size": Bound(1, 512, integer=True),
+    "seed": Bound(0, 2**63 - 1, integer=True),
+    "last_n_messages": Bound(1, None, integer=True),
+    "max_new_tokens": Bound(1, 1024, integer=True),
+    "num_continuations": Bound(1, 16, integer=True),
+}
+MAX_TEMPERATURE = BOUNDS["temperature"].high
+MAX_BEST_OF_K = BOUNDS["best_of_k"].high
+MAX_BATCH_SIZE = BOUNDS["batch_size"].high
 
 
 @dataclass(frozen=True)
@@ -52,26 +93,16 @@ class AnalysisOptions:
 
     def validate(self) -> None:
         """Raise BadInput naming every option out of bounds."""
-        problems = []
-        if not _is_number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
-            problems.append(f"temperature must be within 0..{MAX_TEMPERATURE}")
-        opt = self.optimize_temperature
-        if opt is not None and (not _is_number(opt) or not 0 < opt <= MAX_TEMPERATURE):
-            problems.append(f"optimize_temperature must be within (0, {MAX_TEMPERATURE}]")
-        if not _is_int(self.best_of_k) or not 1 <= self.best_of_k <= MAX_BEST_OF_K:
-            problems.append(f"best_of_k must be an integer within 1..{MAX_BEST_OF_K}")
-        if self.batch_size is not None and (
-            not _is_int(self.batch_size) or not 1 <= self.batch_size <= MAX_BATCH_SIZE
-        ):
-            problems.append(f"batch_size must be an integer within 1..{MAX_BATCH_SIZE}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
-            problems.append("seed must be an integer within 0..2**63-1")
+        problems = [
+            f"{name} must be {'an integer' if bound.integer else 'a number'} within "
+            f"{bound.text()}"
+            for name, bound in BOUNDS.items()
+            if name in _OPTION_NAMES
+            and (value := getattr(self, name)) is not None
+            and not bound.allows(value)
+        ]
         if self.positions is not None and not all(_is_int(p) and p >= 0 for p in self.positions):
             problems.append("positions must be non-negative integers")
-        if self.last_n_messages is not None and (
-            not _is_int(self.last_n_messages) or self.last_n_messages < 1
-        ):
-            problems.append("last_n_messages must be a positive integer")
         if self.positions is not None and self.last_n_messages is not None:
             problems.append("give positions or last_n_messages, not both")
         if problems:
@@ -91,3 +122,18 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_bound(name: str, value: Any) -> None:
+    """Raise BadInput unless `value` is within `BOUNDS[name]`."""
+    bound = BOUNDS[name]
+    if not bound.allows(value):
+        kind = "an integer" if bound.integer else "a number"
+        raise BadInput(f"{name} must be {kind} within {bound.text()}", {"option": name})
+
+
+def _number_text(value: float) -> str:
+    return "2**63-1" if value == 2**63 - 1 else f"{value:g}"
+
+
+_OPTION_NAMES = {f.name for f in fields(AnalysisOptions)}

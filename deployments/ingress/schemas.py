@@ -13,9 +13,17 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
 
 from deployments.replica.status import ReplicaStatus
+from lenscore.options import BOUNDS
 
 # torch seeds must fit an unsigned 64-bit int; we keep them non-negative and signed-safe.
-MAX_SEED = 2**63 - 1
+MAX_SEED = BOUNDS["seed"].high
+
+
+def bounded(name: str, default: Any, description: str) -> Any:
+    """Return a `Field` bounded by lenscore's one table (`lenscore.options.BOUNDS`)."""
+    bound = BOUNDS[name]
+    low = {"gt": bound.low} if bound.low_open else {"ge": bound.low}
+    return Field(default, le=bound.high, description=description, **low)
 
 
 class _Request(BaseModel):
@@ -36,23 +44,23 @@ class ChatMessage(_Request):
 class AnalyzeOptions(_Request):
     """LENS_FORMAT §Analysis options; bounds are enforced with 422, not clamped."""
 
-    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy (argmax).")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="One seed per request.")
-    best_of_k: int = Field(1, ge=1, le=64, description="Explanations sampled per position.")
-    optimize_temperature: float | None = Field(
-        None, ge=0, le=2, description="Temperature of the best-of-k samples."
+    temperature: float = bounded("temperature", 1.0, "0 = greedy (argmax).")
+    seed: int | None = bounded("seed", None, "One seed per request (random if absent).")
+    best_of_k: int = bounded("best_of_k", 1, "Explanations sampled per position.")
+    optimize_temperature: float | None = bounded(
+        "optimize_temperature", None, "Temperature of the best-of-k samples."
     )
     calculate_salience: bool = Field(True, description="Compute token_salience.")
     logit_lens: bool = Field(False, description="Add logit_lens_top to each row.")
     kl: bool = Field(False, description="Add kl to each row.")
-    batch_size: int | None = Field(
-        None, ge=1, le=512, description="Positions per batch; default from the group file."
+    batch_size: int | None = bounded(
+        "batch_size", None, "Positions per batch; default from the group file."
     )
     positions: list[NonNegativeInt] | None = Field(
         None, max_length=100_000, description="Token positions to analyse (default: all)."
     )
-    last_n_messages: int | None = Field(
-        None, ge=1, description="Analyse only the tokens of the last N chat messages."
+    last_n_messages: int | None = bounded(
+        "last_n_messages", None, "Analyse only the tokens of the last N chat messages."
     )
     return_structured: bool = Field(False, description="Per-token explanation strings.")
 
@@ -99,10 +107,10 @@ class AnalyzeRequest(_TextOrMessages):
 class GenerateRequest(_TextOrMessages):
     """Body of `POST /api/v2/lenses/{lens_id}/generate`."""
 
-    max_new_tokens: int = Field(32, ge=1, le=1024, description="Tokens per continuation.")
-    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy.")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    num_continuations: int = Field(1, ge=1, le=16)
+    max_new_tokens: int = bounded("max_new_tokens", 32, "Tokens per continuation.")
+    temperature: float = bounded("temperature", 1.0, "0 = greedy.")
+    seed: int | None = bounded("seed", None, "Random if absent.")
+    num_continuations: int = bounded("num_continuations", 1, "Continuations to sample.")
 
     def replica_body(self) -> dict[str, Any]:
         """Return the body `GroupServer.generate` takes."""

@@ -118,7 +118,7 @@ def test_corrupt_checkpoint_is_exit_2_and_bad_option_too(demo_dir, tmp_path):
         "--temperature",
         "3",
     )
-    assert out.returncode == 2 and "temperature must be within" in out.stderr
+    assert out.returncode == 2 and "temperature must be a number within 0..2" in out.stderr
 
 
 def test_inspect_reports_sizes(demo_dir):
