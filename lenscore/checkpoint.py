@@ -48,6 +48,10 @@ class RawCheckpoint:
     epoch: int | None
     file_bytes: int
     fell_back_from: list[tuple[Path, str]] = field(default_factory=list)
+    # True once the tensors are the process's own memory, not views of a file mapping, so a
+    # load need not copy them again (lenscore/packed.py).
+    owned: bool = False
+    packed: Path | None = None  # the packed file read instead of `path`, if any
 
     @property
     def tensor_bytes(self) -> int:

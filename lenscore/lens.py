@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -80,9 +81,24 @@ class Lens:
         """Device of the lens tensors."""
         return self.tensors["prompt_left"].device
 
-    def to(self, device: str | torch.device) -> Lens:
-        """Move this lens's tensors (only those) to `device`; returns self."""
-        self.tensors = {name: t.to(device) for name, t in self.tensors.items()}
+    def to(self, device: str | torch.device, *, stream: torch.cuda.Stream | None = None) -> Lens:
+        """Move this lens's tensors (only those) to `device`; returns self.
+
+        With a CUDA `stream` the copies run on it (so they overlap other requests' compute on
+        the default stream) and are finished when this returns.
+        """
+        tensors, non_blocking = self.tensors, stream is not None  # on_stream waits for it
+        self.tensors = on_stream(
+            stream,
+            lambda: {name: t.to(device, non_blocking=non_blocking) for name, t in tensors.items()},
+        )
+        return self
+
+    def to_host(self, *, pinned: bool = False) -> Lens:
+        """Move this lens's tensors to host memory, page-locked when `pinned` (CUDA only)."""
+        if not pinned:
+            return self.to("cpu")
+        self.tensors = {name: _pinned_copy(t) for name, t in self.tensors.items()}
         return self
 
     def __repr__(self) -> str:
@@ -100,6 +116,7 @@ def load_lens(
     lens_id: str | None = None,
     device: str | torch.device | None = None,
     raw: RawCheckpoint | None = None,
+    stream: torch.cuda.Stream | None = None,
 ) -> Lens:
     """Read a checkpoint, check it against `base` (and `donor`), attach it.
 
@@ -110,6 +127,7 @@ def load_lens(
         lens_id: name used in results and errors (default: the run directory name).
         device: where the lens tensors go (default: the base's device).
         raw: an already read checkpoint (skips the file read).
+        stream: a CUDA stream for the copies to the device (see `Lens.to`).
 
     Raises:
         CheckpointMissing, CheckpointCorrupt, CheckpointRefused: from `read_checkpoint`.
@@ -127,7 +145,7 @@ def load_lens(
     if problems:
         raise IncompatibleLens(f"lens {lens_id} ({raw.path})", problems)
     target = torch.device(device) if device is not None else base.device
-    tensors = _collect_tensors(raw, base.dtype, target)
+    tensors = on_stream(stream, lambda: _collect_tensors(raw, base.dtype, target))
     lens = Lens(lens_id, raw.path, LensConfig.from_dict(raw.config), tensors, base, donor, raw.step)
     lens.load_seconds = time.perf_counter() - started
     log.info(
@@ -161,6 +179,31 @@ def _collect_tensors(
             if key not in state:
                 continue
             want = torch.float32 if name in _KEEP_FLOAT32 else dtype
-            # clone: the file is memory-mapped; the lens must not depend on it afterwards.
-            tensors[name] = state[key].to(device=device, dtype=want, copy=True)
+            # A memory-mapped file's tensors are copied: the lens must not depend on the file
+            # afterwards. Owned ones (lenscore/packed.py) are converted or moved only if needed.
+            tensors[name] = state[key].to(device=device, dtype=want, copy=not raw.owned)
     return tensors
+
+
+def on_stream(
+    stream: torch.cuda.Stream | None, make: Callable[[], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Run `make` (tensor copies) on a CUDA side stream and wait for it; None: as is."""
+    if stream is None:
+        return make()
+    with torch.cuda.stream(stream):
+        tensors = make()
+    stream.synchronize()
+    for tensor in tensors.values():
+        if tensor.device.type == "cuda":
+            # Used on the default stream from now on: the allocator must not hand the block
+            # back to the copy stream while work queued on the default stream may read it.
+            tensor.record_stream(torch.cuda.current_stream(tensor.device))
+    return tensors
+
+
+def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type == "cpu" and tensor.is_pinned():
+        return tensor
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return out.copy_(tensor)
