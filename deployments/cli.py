@@ -1,7 +1,8 @@
 """`lens-serve`: the command line. Each subcommand imports what it needs inside itself.
 
 `analyze`, `inspect` and `make-demo` use lenscore only and never start Ray; `validate` reads
-the group files; `k8s render` writes the KubeRay manifest from `serve_config.yaml`.
+the group files; `pack` writes packed lens files for checkpoints or group files; `k8s render`
+writes the KubeRay manifest from `serve_config.yaml`.
 Exit status: 0 ok, 2 bad input / incompatible lens / bad config, 1 anything else.
 """
 
@@ -79,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("make-demo", help="write tiny demo bases, donor and lenses")
     demo.add_argument("dir", type=Path)
     demo.set_defaults(run=run_make_demo)
+    _add_pack(sub)
     validate = sub.add_parser("validate", help="check every group file; exit 2 on problems")
     validate.add_argument("groups_dir", nargs="?", type=Path, default=Path("groups"))
     validate.set_defaults(run=run_validate)
@@ -119,6 +121,68 @@ def _add_analyze(sub: Any) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run_analyze)
+
+
+def _add_pack(sub: Any) -> None:
+    p = sub.add_parser(
+        "pack",
+        help="write packed lens files (safetensors + JSON) that replicas read instead of "
+        "trainer checkpoints",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--groups", type=Path, help="pack every lens of these group files (their cache dirs)"
+    )
+    src.add_argument("--checkpoint", type=Path, nargs="+", help="run dirs or .pt files")
+    p.add_argument(
+        "--cache-dir", type=Path, help="where to write (default: each group's packed_cache_dir)"
+    )
+    p.add_argument("--force", action="store_true", help="rewrite fresh packed files too")
+    p.set_defaults(run=run_pack)
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    """Pack each named checkpoint; one line per lens; exit 2 if any could not be packed."""
+    from lenscore.errors import LensError
+    from lenscore.packed import pack_checkpoint
+
+    failed = 0
+    for name, checkpoint, cache_dir in _pack_jobs(args):
+        try:
+            packed = pack_checkpoint(checkpoint, cache_dir, force=args.force)
+        except LensError as exc:
+            print(f"lens-serve: error: {name}: {exc.message}", file=sys.stderr)
+            failed += 1
+            continue
+        state = "packed" if packed.written else "fresh "
+        print(f"{state} {name}: {packed.source.name} -> {packed.tensors_path} "
+              f"({packed.tensor_bytes} bytes)")  # fmt: skip
+    return 2 if failed else 0
+
+
+def _pack_jobs(args: argparse.Namespace) -> list[tuple[str, Path, Path]]:
+    """(name shown, checkpoint, cache dir) for every lens to pack."""
+    if args.checkpoint:
+        if args.cache_dir is None:
+            raise CliError("--checkpoint needs --cache-dir")
+        return [(str(path), path, args.cache_dir) for path in args.checkpoint]
+    from deployments.config import GroupConfigError
+    from deployments.group_files import load_groups
+
+    try:
+        groups = load_groups(args.groups)
+    except GroupConfigError as exc:
+        raise CliError(str(exc)) from exc
+    jobs = []
+    for group in groups:
+        cache_dir = args.cache_dir or group.replica.packed_cache_dir
+        if cache_dir is None:
+            raise CliError(
+                f"group {group.group_id} has no replica.packed_cache_dir; set it or pass "
+                "--cache-dir"
+            )
+        jobs += [(lens.lens_id, lens.checkpoint, cache_dir) for lens in group.lenses]
+    return jobs
 
 
 def run_analyze(args: argparse.Namespace) -> int:
