@@ -1,4 +1,4 @@
-"""Packed lens files: same tensors and analyses as the trainer file, never stale, never trusted blindly."""
+"""Packed lens files: the trainer file's tensors and analyses, never stale, never trusted."""
 
 import json
 import logging
