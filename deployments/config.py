@@ -65,6 +65,17 @@ def _resolve_path(value: Any, info: ValidationInfo) -> Any:
     return resolved
 
 
+def _resolve_dir(value: Any, info: ValidationInfo) -> Any:
+    """Resolve a relative directory against the group file's directory (no hub ids)."""
+    if not isinstance(value, (str, Path)) or not str(value):
+        return value
+    path = Path(value).expanduser()
+    base_dir = (info.context or {}).get("base_dir")
+    if path.is_absolute() or base_dir is None:
+        return path
+    return Path(os.path.abspath(Path(base_dir) / path))
+
+
 class _Edge(BaseModel):
     """Base of every edge model: unknown keys are errors and objects never change."""
 
@@ -122,6 +133,19 @@ class ReplicaSpec(_Edge):
     autoscaling: AutoscalingSpec = Field(
         default_factory=AutoscalingSpec, description="Serve autoscaling bounds."
     )
+    predictive_prefetch: bool = Field(
+        False,
+        description="When the replica is idle, read the lenses most likely requested next "
+        "(counted lens-to-lens transitions) into the host tier, within host_cache_gb.",
+    )
+    packed_cache_dir: Path | None = Field(
+        None,
+        description="Directory of packed lens files written by `lens-serve pack`, relative to "
+        "the group file; a lens's fresh packed file is read instead of its trainer checkpoint. "
+        "None: trainer checkpoints only.",
+    )
+
+    _resolve = field_validator("packed_cache_dir", mode="before")(_resolve_dir)
 
     @property
     def host_cache_bytes(self) -> int:
@@ -142,7 +166,9 @@ class ReplicaSpec(_Edge):
             host_cache_gb=self.host_cache_gb,
             max_donors_per_replica=self.max_donors_per_replica,
             device_memory_budget_gb=self.device_memory_budget_gb,
-        ).model_dump(exclude_none=True)
+            predictive_prefetch=self.predictive_prefetch,
+            packed_cache_dir=self.packed_cache_dir,
+        ).model_dump(mode="json", exclude_none=True)
 
     def deployment_options(self) -> dict[str, Any]:
         """Return the `serve.deployment` options this block implies (before serve_config)."""
@@ -170,6 +196,12 @@ class ReplicaConfig(_Edge):
     )
     device_memory_budget_gb: PositiveFloat | None = Field(
         None, description="Cap on device memory, in GiB."
+    )
+    predictive_prefetch: bool | None = Field(
+        None, description="Prefetch likely next lenses into the host tier when idle."
+    )
+    packed_cache_dir: Path | None = Field(
+        None, description="Directory of packed lens files (absolute, or relative to the cwd)."
     )
 
     def apply_to(self, replica: ReplicaSpec) -> ReplicaSpec:
@@ -314,6 +346,11 @@ class AppArgs(_Edge):
         None,
         description="Requests per minute per API key (or client address), counted by each "
         "ingress replica; None: no limit.",
+    )
+    group_reload_s: NonNegativeFloat = Field(
+        2.0,
+        description="Seconds between checks of the group files for lens changes (live "
+        "add, remove, re-point); 0: never.",
     )
     strict_startup: bool = Field(
         False,

@@ -135,3 +135,32 @@ def _cross_group_problems(loaded: list[tuple[GroupSpec, str]]) -> list[str]:
                 )
             lens_owner.setdefault(lens.lens_id, shown)
     return problems
+
+
+def file_stamp(path: Path | None) -> tuple[int, int] | None:
+    """(mtime in ns, size) of a group file, or None when it cannot be read: a change marker."""
+    if path is None:
+        return None
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def reread_group(group: GroupSpec) -> tuple[GroupSpec | None, str]:
+    """Read `group`'s file again for a live lens change; (new spec, "") or (None, why not).
+
+    Only the lenses (and donors) may change live: a different group id, base model, dtype or
+    replica block needs a redeploy, and such a file is refused (the running spec stays).
+    """
+    if group.source_file is None:
+        return None, "the group has no file"
+    new, problems = _read_group_file(group.source_file, str(group.source_file))
+    if new is None:
+        return None, "; ".join(problems)
+    fixed = ("group_id", "base_model", "dtype", "replica")
+    changed = [field for field in fixed if getattr(new, field) != getattr(group, field)]
+    if changed:
+        return None, f"{', '.join(changed)} changed: redeploy the application to apply it"
+    return new, ""

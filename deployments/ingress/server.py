@@ -21,6 +21,7 @@ from deployments.checks import StartupReport
 from deployments.config import AppArgs, GroupSpec, api_keys_from_env
 from deployments.ingress.auth import Guard
 from deployments.ingress.errors import install_error_handlers
+from deployments.ingress.group_watch import GroupWatch
 from deployments.ingress.jobs import JobRunner
 from deployments.ingress.legacy import routers as legacy_routers
 from deployments.ingress.middleware import (
@@ -44,7 +45,10 @@ def build_fastapi_app(state: IngressState, guard: Guard) -> FastAPI:
         app.state.ingress = state
         app.state.guard = guard
         await state.start()
+        watch = GroupWatch(state)
+        watch.start(state.args.group_reload_s)
         yield
+        watch.stop()
         await app.state.jobs.close()
 
     public_docs = state.args.public_docs

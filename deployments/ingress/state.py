@@ -78,6 +78,27 @@ class IngressState:
                 self.metrics.ray.record_failure(group.group_id, code, lens_id)
         self.is_ready = True
 
+    def replace_group(
+        self, group: GroupSpec, sizes: GroupSizes, lens_problems: dict[str, tuple[str, str]]
+    ) -> None:
+        """Serve a group's new lens list (a live change of its file, `ingress/group_watch.py`).
+
+        Lenses gone from the file are unknown from now on (404); handles of gone lenses are
+        dropped; start-up problems are those of the new file.
+        """
+        old = self.groups[group.group_id]
+        gone = {lens.lens_id for lens in old.lenses} - {lens.lens_id for lens in group.lenses}
+        self.groups[group.group_id] = group
+        for lens in old.lenses:
+            self.group_of_lens.pop(lens.lens_id, None)
+            self.report.lenses.pop(lens.lens_id, None)
+        for lens in group.lenses:
+            self.group_of_lens[lens.lens_id] = group
+        self.report.lenses.update(lens_problems)
+        self.sizes[group.group_id] = sizes
+        for key in [key for key in self._lens_handles if key[0] in gone]:
+            del self._lens_handles[key]
+
     # --- ids -------------------------------------------------------------------------------
 
     def group(self, group_id: str) -> GroupSpec:

@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from deployments.config import GroupSpec, ReplicaConfig
+from deployments.group_files import file_stamp, reread_group
 from deployments.ops.metrics import ReplicaMetrics
 from deployments.replica.execution import Execution, drain
 from deployments.replica.memory import read_memory
@@ -62,6 +63,8 @@ class GroupServer:
 
         """
         self.group = group
+        self._lens_ids = {lens.lens_id for lens in group.lenses}
+        self._file_stamp = file_stamp(group.source_file)
         self._analyze = run_analysis
         self._generate = run_generation
         identity = _replica_identity()
@@ -95,7 +98,7 @@ class GroupServer:
     async def analyze(self, body: dict[str, Any], *, lens_id: str | None = None) -> dict:
         """Analyse `text` or `messages` with the request's lens (DESIGN §Response shapes)."""
         stop = threading.Event()
-        async with self.execution.using(self._request_lens_id(lens_id)) as (resident, switch):
+        async with self.execution.using(await self._lens_id(lens_id)) as (resident, switch):
             options = self._options(body, resident.lens_id)
             started = time.perf_counter()
             result = await self.execution.run_with_oom_retry(
@@ -125,7 +128,7 @@ class GroupServer:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         try:
-            async with self.execution.using(self._request_lens_id(lens_id)) as (resident, switch):
+            async with self.execution.using(await self._lens_id(lens_id)) as (resident, switch):
                 options = self._options(body, resident.lens_id)
                 started = time.perf_counter()
                 work = self._analysis(resident, body, options, stop, on_progress=on_progress)
@@ -146,7 +149,7 @@ class GroupServer:
     async def generate(self, body: dict[str, Any], *, lens_id: str | None = None) -> dict:
         """Continue `text`/`messages` with the lens's activation model (donor or base)."""
         stop = threading.Event()
-        async with self.execution.using(self._request_lens_id(lens_id)) as (resident, switch):
+        async with self.execution.using(await self._lens_id(lens_id)) as (resident, switch):
 
             def work() -> dict:
                 return self._generate(
@@ -169,7 +172,7 @@ class GroupServer:
     async def send_message(self, body: dict[str, Any], *, lens_id: str | None = None) -> dict:
         """One assistant reply to `messages` from the activation model, until end of turn."""
         stop = threading.Event()
-        async with self.execution.using(self._request_lens_id(lens_id)) as (resident, switch):
+        async with self.execution.using(await self._lens_id(lens_id)) as (resident, switch):
 
             def work() -> dict:
                 return reply(
@@ -205,12 +208,39 @@ class GroupServer:
 
     async def ensure_lens(self, *, lens_id: str | None = None) -> dict[str, Any]:
         """Bring the lens onto the device (preload); a failed lens is retried now."""
-        lens_id = self._request_lens_id(lens_id)
+        lens_id = await self._lens_id(lens_id)
         self.residency.retry_now(lens_id)
         async with self.execution.using(lens_id) as (resident, switch):
             nbytes = resident.nbytes
         return {"lens_id": lens_id, "replica_id": self.replica_id, "bytes": nbytes,
                 **switch.as_dict()}  # fmt: skip
+
+    async def _lens_id(self, lens_id: str | None) -> str:
+        """Return the request's lens id, after applying a changed group file (one stat)."""
+        lens_id = self._request_lens_id(lens_id)
+        await self.follow_group_file()
+        return lens_id
+
+    async def follow_group_file(self) -> bool:
+        """Apply a changed group file's lenses (live add, remove, re-point); True if applied.
+
+        Removed and re-pointed lenses leave the device once idle and are dropped from the
+        host tier; nothing else moves. A change that needs a redeploy is logged and ignored.
+        """
+        stamp = file_stamp(self.group.source_file)
+        if stamp is None or stamp == self._file_stamp:
+            return False
+        self._file_stamp = stamp
+        new, why = await asyncio.to_thread(reread_group, self.group)
+        if new is None:
+            log.warning("group file changed but is not applied: %s", why)
+            return False
+        self.group = new
+        self._lens_ids = {lens.lens_id for lens in new.lenses}
+        stale = await self.residency.apply_group(new)
+        self._log_event("group_reload", None, lenses=sorted(self._lens_ids), stale=stale)
+        self.publisher.changed()
+        return True
 
     def _request_lens_id(self, lens_id: str | None) -> str:
         lens_id = lens_id or serve.get_multiplexed_model_id()
@@ -251,7 +281,8 @@ class GroupServer:
         self.publisher.changed()
 
     async def check_health(self) -> None:
-        """Answer Serve's health check; also re-push this replica's status to the registry."""
+        """Answer Serve's health check; follow the group file and re-push the status."""
+        await self.follow_group_file()
         self.publisher.publish_now(reconnect=True)
 
     async def status(self) -> ReplicaStatus:
@@ -287,6 +318,7 @@ class GroupServer:
             in_flight=self.execution.in_flight,
             busy_threads=self.execution.busy_threads,
             switches=dict(residency.switches),
+            prefetch=residency.prefetch.report(),
             loads=dict(residency.loads),
             load_history=residency.load_history() | {"base": base_stats},
             max_lenses_per_replica=residency.replica.max_lenses_per_replica,

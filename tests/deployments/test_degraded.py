@@ -164,3 +164,74 @@ def test_a_fixed_checkpoint_serves_without_a_restart(served, demo_dir, demo_mani
                what=f"{TRUNCATED} listed available")  # fmt: skip
     replica_after = client.get(f"/api/v2/groups/{GROUP}/status").json()["replicas"][0]
     assert replica_after["replica_id"] == replica_before["replica_id"]
+
+
+# --- live lens changes: the group file changes under the running app ---------------------
+
+ADDED = "degraded-added"
+
+
+def edit_group_file(served, change) -> None:
+    path = served["work"] / "groups" / f"{GROUP}.yaml"
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data))
+
+
+def replica_of(client: httpx.Client) -> dict[str, Any]:
+    return client.get(f"/api/v2/groups/{GROUP}/status").json()["replicas"][0]
+
+
+def test_a_lens_added_to_the_group_file_serves_without_a_restart(
+    served, demo_dir, demo_manifest, wait_until
+):
+    client = served["client"]
+    before = replica_of(client)
+    assert GOOD in before["lenses"]["device"] + before["lenses"]["host"]
+    source = demo_manifest["lenses"]["qwen2-tiny-l0-single"]
+    entry = {"id": ADDED, "name": ADDED, "checkpoint": str(demo_dir / source["checkpoint"]),
+             "layer": source["layer"]}  # fmt: skip
+    edit_group_file(served, lambda data: data["lenses"].append(entry))
+    wait_until(lambda: client.get(f"/api/v2/lenses/{ADDED}").status_code == 200, timeout_s=30,
+               what=f"{ADDED} known to the ingress")  # fmt: skip
+    added = client.post(f"/api/v2/lenses/{ADDED}/analyze", json=BODY)
+    assert added.status_code == 200, added.text
+    same = client.post("/api/v2/lenses/qwen2-tiny-l0-single/analyze", json=BODY)
+    assert added.json()["rows"] == same.json()["rows"]
+    after = replica_of(client)
+    assert after["replica_id"] == before["replica_id"]
+    assert after["base_loads"] == 1
+    assert GOOD in after["lenses"]["device"] + after["lenses"]["host"]  # nothing dropped
+
+
+def test_a_repointed_lens_serves_its_new_checkpoint(served, demo_dir, demo_manifest):
+    client = served["client"]
+    source = demo_manifest["lenses"]["qwen2-tiny-l2-first2"]
+
+    def repoint(data: dict[str, Any]) -> None:
+        lens = next(lens for lens in data["lenses"] if lens["id"] == ADDED)
+        lens.update(checkpoint=str(demo_dir / source["checkpoint"]), layer=source["layer"])
+
+    edit_group_file(served, repoint)
+    # The replica reads the file on the next request; the ingress within its poll period.
+    want = client.post("/api/v2/lenses/qwen2-tiny-l2-first2/analyze", json=BODY).json()["rows"]
+    got = client.post(f"/api/v2/lenses/{ADDED}/analyze", json=BODY)
+    assert got.status_code == 200, got.text
+    assert got.json()["rows"] == want
+    assert got.json()["meta"]["layer"] == source["layer"]
+
+
+def test_a_removed_lens_is_unknown_and_leaves_the_replica(served, wait_until):
+    client = served["client"]
+    edit_group_file(
+        served, lambda data: data.update(lenses=[x for x in data["lenses"] if x["id"] != ADDED])
+    )
+    wait_until(lambda: client.get(f"/api/v2/lenses/{ADDED}").status_code == 404, timeout_s=30,
+               what=f"{ADDED} unknown to the ingress")  # fmt: skip
+    assert client.post(f"/api/v2/lenses/{GOOD}/analyze", json=BODY).is_success
+
+    def gone() -> bool:
+        replica = replica_of(client)
+        return ADDED not in replica["lenses"]["device"] + replica["lenses"]["host"]
+
+    wait_until(gone, timeout_s=30, what=f"{ADDED} off the replica")
