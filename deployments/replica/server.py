@@ -136,11 +136,12 @@ class GroupServer:
                 async for event in drain(events, task):
                     yield event
                 result = task.result()
+                finished_at = time.time()  # the lens's last use by this request
         finally:
             stop.set()
         self.metrics.record_analysis(time.perf_counter() - started, len(result["rows"]))
         meta = {**result["meta"], **self._public_meta(resident.lens_id),
-                "switch": switch.as_dict()}  # fmt: skip
+                "switch": switch.as_dict(), "finished_at": finished_at}  # fmt: skip
         yield {"event": "meta", "meta": meta}
         for row in result["rows"]:
             yield {"event": "row", "row": row}

@@ -111,3 +111,39 @@ def test_a_smaller_lru_evicts_through_serve_and_keeps_answering(served, wait_unt
         assert analyze(served, lens_id)
     assert replica_status()["lenses"]["device"] == [LENSES[1]]
     handle.reconfigure.remote({"max_lenses_per_replica": 2}).result(timeout_s=60)
+
+
+def test_an_evicted_lens_in_use_finishes_before_it_leaves(served):
+    """A (streaming, in use) is the LRU when C needs its slot: C's load waits for A to end."""
+    import json
+    import threading
+
+    lens_a, lens_b, lens_c, lens_y = LENSES
+    for lens_id in (lens_c, lens_y):  # the device holds [C, Y]
+        analyze(served, lens_id)
+    assert replica_status()["lenses"]["device"] == [lens_c, lens_y]
+    long_body = {"text": " ".join(["word"] * 300), "options": {"temperature": 0.0, "batch_size": 1}}
+    url = f"/api/v2/lenses/{lens_a}/analyze?stream=true"
+    answers: dict[str, Any] = {}
+
+    with served.stream("POST", url, json=long_body) as stream:
+        lines = stream.iter_lines()
+        assert json.loads(next(lines))["event"] == "progress"  # A loaded (C left) and in use
+        analyze(served, lens_b)  # B takes Y's slot: A is now the least recently used
+
+        def ask_c() -> None:
+            response = served.post(f"/api/v2/lenses/{lens_c}/analyze", json=BODY)
+            answers[lens_c] = response.json()
+
+        waiter = threading.Thread(target=ask_c)
+        waiter.start()
+        events = [json.loads(line) for line in lines]
+        waiter.join(timeout=180)
+    meta_a = next(e["meta"] for e in events if e["event"] == "meta")
+    switch_c = answers[lens_c]["meta"]["switch"]
+    assert switch_c["kind"] in ("disk", "host"), switch_c
+    assert switch_c["ready_at"] >= meta_a["finished_at"]  # C's load waited for A's last use
+    rows = [e["row"] for e in events if e["event"] == "row"]
+    assert events[-1]["event"] == "done" and len(rows) > 300
+    status = replica_status()
+    assert lens_a in status["lenses"]["host"] and lens_c in status["lenses"]["device"]

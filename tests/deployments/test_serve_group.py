@@ -103,14 +103,24 @@ def direct_analyze(group_dir: Path, lens_id: str) -> dict[str, Any]:
     return analyze(lens, text=TEXT, options=options)
 
 
+def expected_switch(replica: dict[str, Any], lens_id: str) -> str:
+    """The switch kind a request for `lens_id` must report, from the replica's status."""
+    if lens_id in replica["lenses"]["device"]:
+        return "hit"
+    if lens_id in replica["lenses"]["host"]:
+        return "host"
+    return "disk" if any(replica["loads"].values()) else "first"
+
+
 def test_served_analysis_equals_direct_lenscore_at_temperature_zero(served):
     for lens_id in ("qwen2-tiny-l1", "qwen2-tiny-l1-donor"):
+        expected_kind = expected_switch(status(served["handle"]), lens_id)
         served_result = call(served["handle"], lens_id, "analyze", analyze_body())
         direct = direct_analyze(served["groups_dir"], lens_id)
         assert served_result["rows"] == direct["rows"], lens_id
         meta = served_result["meta"]
         assert meta["lens_id"] == lens_id and meta["group_id"] == GROUP
-        assert meta["switch"]["kind"] in {"first", "disk", "host", "hit"}
+        assert meta["switch"]["kind"] == expected_kind, (lens_id, meta["switch"])
         assert meta["replica_id"]
 
 
@@ -200,7 +210,7 @@ def test_registry_reports_every_running_replica(served, wait_until):
 
     (snapshot,) = wait_until(reported, timeout_s=60, what="registry snapshot")
     assert snapshot["group_id"] == GROUP
-    assert set(snapshot["switches"]) == {"hit", "host", "disk", "first"}
+    assert set(snapshot["switches"]) == {"hit", "host", "prefetch", "disk", "first"}
 
 
 def test_reconfigure_changes_the_cache_size_live(served, wait_until):
