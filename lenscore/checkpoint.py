@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,11 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^checkpoint_step(\d+)_epoch(\d+)_.*\.pt$")
 _COMPILE_PREFIX = "_orig_mod."
+# NOTE: torch's `safe_globals` context edits one process-wide allow-list: a thread leaving it
+# removes the entries while another thread is still unpickling, which then reads a good file
+# as refused or corrupt. Unpickling a memory-mapped file reads no tensor data, so holding this
+# lock is brief; the copies off the mapping run in parallel (lenscore/packed.py).
+_UNPICKLE_LOCK = threading.Lock()
 
 
 def _allowed_globals() -> list[Any]:
@@ -123,7 +129,7 @@ def read_checkpoint(path: str | Path, *, mmap: bool = True) -> RawCheckpoint:
 
 def _read_file(path: Path, *, mmap: bool) -> RawCheckpoint:
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
+        with _UNPICKLE_LOCK, torch.serialization.safe_globals(_allowed_globals()):
             blob = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))

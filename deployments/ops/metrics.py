@@ -22,7 +22,8 @@ SWITCH_BUCKETS_SECONDS = [
 # One analysis: a few ms for a short text on a tiny model up to minutes for 20k tokens.
 ANALYZE_BUCKETS_SECONDS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]
 
-SWITCH_KINDS = ("hit", "host", "disk", "first")
+# `prefetch`: from the host tier, put there by a predictive prefetch (replica/prefetch.py).
+SWITCH_KINDS = ("hit", "host", "prefetch", "disk", "first")
 LOAD_SOURCES = ("disk", "host")
 # Memory gauge kind -> key of the status `memory` dict (DESIGN §Response shapes).
 MEMORY_KINDS = {
@@ -50,7 +51,7 @@ class ReplicaMetrics:
         self.switch_seconds = Histogram(
             "lens_switch_seconds",
             description="Request reaching the replica to its lens being ready: lock wait, "
-            "eviction and load. kind: hit, host, disk, first.",
+            "eviction and load. kind: hit, host, prefetch, disk, first.",
             boundaries=SWITCH_BUCKETS_SECONDS,
             tag_keys=("group", "kind"),
         )
@@ -117,7 +118,8 @@ class ReplicaMetrics:
         self.switch_seconds.observe(seconds, tags={"kind": kind})
 
     def record_load(self, source: str, seconds: float) -> None:
-        """Count one lens load from `source` (disk or host)."""
+        """Count one lens load from `source` (disk, host; a prefetched lens counts as host)."""
+        source = "host" if source == "prefetch" else source
         self.load_seconds.observe(seconds, tags={"source": source})
 
     def record_failure(self, code: str, lens_id: str) -> None:

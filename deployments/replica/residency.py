@@ -8,7 +8,6 @@ fail are remembered with a back-off (DESIGN §Serving shape, "Tiers"; §Metrics,
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -20,7 +19,9 @@ import torch
 from deployments.config import GroupSpec, LensSpec, ReplicaSpec
 from deployments.ops.metrics import SWITCH_KINDS, ReplicaMetrics
 from deployments.redact import group_paths, redact, redact_text
+from deployments.replica.failures import LoadFailures
 from deployments.replica.multiplex import DeviceSlots
+from deployments.replica.prefetch import Prefetcher, ReadAhead
 from deployments.replica.status import LensFailure, LoadStats
 from deployments.replica.tiers import DonorCache, HostTier, ResidentLens
 from lenscore import (
@@ -30,23 +31,16 @@ from lenscore import (
     Lens,
     LensError,
     OutOfDeviceMemory,
+    RawCheckpoint,
     load_base,
     load_lens,
-    read_checkpoint,
 )
+from lenscore.packed import read_for_serving
 
-# A failed lens load is retried after this back-off, doubled per failure (or on a preload).
-RETRY_AFTER_SECONDS = 5.0
-MAX_RETRY_AFTER_SECONDS = 300.0
+# A removed lens still in use is checked for idleness this often.
+RETIRE_POLL_SECONDS = 0.5
 
 LogEvent = Callable[..., None]
-
-
-@dataclasses.dataclass
-class _Failure:
-    error: LensError
-    attempts: int
-    retry_at: float
 
 
 @dataclasses.dataclass
@@ -69,14 +63,15 @@ class _Stats:
 
 @dataclasses.dataclass(frozen=True)
 class Switch:
-    """How a request's lens became ready: its kind (`hit`, `host`, `disk`, `first`) and time."""
+    """How a request's lens became ready: its kind (SWITCH_KINDS) and time."""
 
     kind: str
     seconds: float
+    ready_at: float = 0.0  # Unix time the lens was ready for this request
 
     def as_dict(self) -> dict[str, Any]:
-        """`{"kind", "seconds"}`, as analysis `meta.switch` reports it."""
-        return {"kind": self.kind, "seconds": self.seconds}
+        """`{"kind", "seconds", "ready_at"}`, as analysis `meta.switch` reports it."""
+        return {"kind": self.kind, "seconds": self.seconds, "ready_at": self.ready_at}
 
 
 class LensResidency:
@@ -107,16 +102,22 @@ class LensResidency:
         self._on_change = on_change
         self._log_event = log_event
         self.host = HostTier(self.replica.host_cache_bytes)
+        self.read_ahead = ReadAhead(self._read_lens)
+        self.prefetch = Prefetcher(self, enabled=self.replica.predictive_prefetch,
+                                   on_change=on_change, log_event=log_event)  # fmt: skip
+        # Host-to-device copies run on a side stream, beside other requests' compute.
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.donors = DonorCache(
             self.replica.max_donors_per_replica, self._load_donor, self._drop_donor
         )
         self.slots = DeviceSlots(
             self._load_resident, self.replica.max_lenses_per_replica, in_serve=in_serve
         )
-        self.failed: dict[str, _Failure] = {}
+        self.failed = LoadFailures()
         self.switches = dict.fromkeys(SWITCH_KINDS, 0)
         self.loads: dict[str, int] = {}  # lens id -> loads onto the device (any source)
         self.history: dict[str, _Stats] = {}  # switch kind -> time and bytes moved
+        self._retiring: set[asyncio.Future[None]] = set()
 
     # -- the switch ------------------------------------------------------------------------
 
@@ -129,12 +130,20 @@ class LensResidency:
         """
         started = time.perf_counter()
         was_resident = lens_id in self.slots
-        while True:
-            resident = await self.slots.get(lens_id)
-            # An eviction can only start while no request holds the lens, so this retries
-            # at most once per concurrent eviction.
-            if resident.try_acquire():
-                break
+        self.prefetch.notice(lens_id)
+        # A host-tier lens becomes most recently used there, so the eviction that makes room
+        # for it on the device does not push it out of the host tier first. Otherwise the
+        # disk read starts now, while the request may still wait for Serve's lock: reads of
+        # several lenses overlap, only their device copies take turns (DESIGN "Preloading").
+        in_host = not was_resident and self.host.touch(lens_id)
+        read = not was_resident and not in_host and lens_id not in self.failed
+        async with self.read_ahead.request(lens_id, read=read):
+            while True:
+                resident = await self.slots.get(lens_id)
+                # An eviction can only start while no request holds the lens, so this retries
+                # at most once per concurrent eviction.
+                if resident.try_acquire():
+                    break
         seconds = time.perf_counter() - started
         kind = "hit" if was_resident else resident.kind
         self.switches[kind] += 1
@@ -143,16 +152,16 @@ class LensResidency:
             self.history.setdefault("hit", _Stats()).add(seconds, 0)
         else:
             self._on_change()  # the load reported before Serve put the lens in its LRU
-        return resident, Switch(kind, seconds)
+        return resident, Switch(kind, seconds, ready_at=time.time())
 
     def retry_now(self, lens_id: str) -> None:
         """Forget a lens's failure back-off: the next request tries to load it again."""
-        self.failed.pop(lens_id, None)
+        self.failed.clear(lens_id)
 
     async def _load_resident(self, lens_id: str) -> ResidentLens:
         # Runs under the multiplex lock, after Serve evicted its LRU lens if it was full.
         spec = self._lens_spec(lens_id)
-        self._check_backoff(lens_id)
+        self.failed.check(lens_id)
         before = self.memory_bytes()
         started = time.perf_counter()
         try:
@@ -164,7 +173,7 @@ class LensResidency:
         seconds = time.perf_counter() - started
         kind = "first" if not self.loads else source
         self.loads[lens_id] = self.loads.get(lens_id, 0) + 1
-        self.failed.pop(lens_id, None)
+        self.failed.clear(lens_id)
         self.metrics.record_load(source, seconds)
         self.history.setdefault(kind, _Stats()).add(seconds, lens.nbytes)
         resident = ResidentLens(lens, kind=kind, on_evict=self._evict_to_host)
@@ -178,14 +187,15 @@ class LensResidency:
         donor = await self._donor_for(spec)
         held = self.host.take(spec.lens_id)
         if held is not None:
+            source = "prefetch" if self.prefetch.used(spec.lens_id, held) else "host"
             try:
                 await self._make_room(held.nbytes)
-                lens = await self._to_device(lambda: held.to(self.device))
+                lens = await self._to_device(lambda: held.to(self.device, stream=self._copy_stream))
             except LensError:
                 self.host.put(held)
                 raise
-            return lens, "host"
-        raw = await asyncio.to_thread(read_checkpoint, spec.checkpoint)
+            return lens, source
+        raw = await self._read_claimed(spec)
         if raw.layer_l != spec.layer:
             raise IncompatibleLens(
                 f"lens {spec.lens_id}",
@@ -201,9 +211,29 @@ class LensResidency:
                 lens_id=spec.lens_id,
                 device=self.device,
                 raw=raw,
+                stream=self._copy_stream,
             )  # fmt: skip
         )
         return lens, "disk"
+
+    async def _read_claimed(self, spec: LensSpec) -> RawCheckpoint:
+        """Await the read started when the request arrived; read anew if none or stale."""
+        pending = self.read_ahead.claim(spec.lens_id)
+        if pending is not None:
+            try:
+                checkpoint, raw = await pending.task
+            finally:
+                self.read_ahead.done(pending)
+            if checkpoint == spec.checkpoint:  # not re-pointed meanwhile
+                return raw
+        return (await asyncio.to_thread(self._read_lens, spec.lens_id))[1]
+
+    def _read_lens(self, lens_id: str) -> tuple[Path, RawCheckpoint]:
+        """Read a lens's tensors into host memory (a thread): packed file first, if fresh."""
+        spec = self._lens_spec(lens_id)
+        raw = read_for_serving(spec.checkpoint, packed_dir=self.replica.packed_cache_dir,
+                               pinned=self.device.type == "cuda")  # fmt: skip
+        return spec.checkpoint, raw
 
     async def _to_device(self, move: Callable[[], Lens]) -> Lens:
         """Run a load in a thread; on a device OOM free what is unused and try once more."""
@@ -269,7 +299,8 @@ class LensResidency:
     async def _evict_to_host(self, resident: ResidentLens) -> None:
         before = self.memory_bytes()
         started = time.perf_counter()
-        lens = await asyncio.to_thread(resident.lens.to, "cpu")
+        pinned = self.device.type == "cuda"  # page-locked: faster, async copies back
+        lens = await asyncio.to_thread(resident.lens.to_host, pinned=pinned)
         dropped = self.host.put(lens)
         self._log_event("lens_evict", resident.lens_id, seconds=time.perf_counter() - started,
                         bytes=resident.nbytes, dropped_from_host=dropped,
@@ -283,8 +314,61 @@ class LensResidency:
         async with self.slots.locked():
             await self._make_room(0, strict=False)
         self.host.resize(replica.host_cache_bytes)
+        self.prefetch.configure(replica.predictive_prefetch)
         self.donors.max_donors = replica.max_donors_per_replica
         self.donors.trim(self.donors.max_donors, pinned=self._pinned_donors())
+
+    # -- live lens changes -----------------------------------------------------------------
+
+    async def apply_group(self, group: GroupSpec) -> list[str]:
+        """Serve a group file's new lens list; return the lenses whose copies must go.
+
+        A removed or re-pointed lens (checkpoint, layer or donor changed) is dropped from the
+        host tier now and leaves the device once no request uses it; until then a request
+        that already holds it finishes on the old copy.
+        """
+
+        def source(spec: LensSpec, of: GroupSpec) -> tuple[Any, ...]:
+            donor = of.donor(spec.donor).path if spec.donor else None
+            return spec.checkpoint, spec.layer, donor
+
+        new = {lens.lens_id: source(lens, group) for lens in group.lenses}
+        stale = [
+            lens.lens_id
+            for lens in self.group.lenses
+            if new.get(lens.lens_id) != source(lens, self.group)
+        ]
+        self.group = group
+        self.paths = group_paths(group)
+        for lens_id in stale:
+            self.host.take(lens_id)
+            self.failed.clear(lens_id)
+        busy = await self._retire_idle(set(stale))
+        if busy:
+            task = asyncio.ensure_future(self._retire(busy))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return stale
+
+    async def _retire_idle(self, lens_ids: set[str]) -> set[str]:
+        """Evict those of `lens_ids` that are idle, under Serve's lock; return the others."""
+        resident = {r.lens_id: r for r in self.slots.resident()}
+        held = {lens_id for lens_id in lens_ids if lens_id in resident}
+        idle = [lens_id for lens_id in held if resident[lens_id].users == 0]
+        if idle and not self.slots.is_locked():
+            async with self.slots.locked():
+                await self.slots.evict_chosen(idle)
+            for lens_id in idle:
+                self.host.take(lens_id)  # the eviction parked it there: drop it
+            self._on_change()
+            held -= set(idle)
+        return held
+
+    async def _retire(self, pending: set[str]) -> None:
+        """Evict these lenses from the device as each goes idle."""
+        while pending:
+            await asyncio.sleep(RETIRE_POLL_SECONDS)
+            pending = await self._retire_idle(pending)
 
     # -- donors ----------------------------------------------------------------------------
 
@@ -330,32 +414,16 @@ class LensResidency:
                 {"lens_id": lens_id, "group_id": self.group.group_id},
             ) from None
 
-    def _check_backoff(self, lens_id: str) -> None:
-        failure = self.failed.get(lens_id)
-        if failure is not None and time.monotonic() < failure.retry_at:
-            raise copy.copy(failure.error)
-
     def _record_failure(self, lens_id: str, exc: LensError) -> None:
         self.metrics.record_failure(exc.code, lens_id)
-        if isinstance(exc, OutOfDeviceMemory):
-            return  # memory frees up; not the lens's fault
-        attempts = self.failed[lens_id].attempts + 1 if lens_id in self.failed else 1
-        delay = min(RETRY_AFTER_SECONDS * 2 ** (attempts - 1), MAX_RETRY_AFTER_SECONDS)
-        self.failed[lens_id] = _Failure(exc, attempts, time.monotonic() + delay)
-        self._log_event("lens_failed", lens_id, code=exc.code, why=exc.message, retry_in=delay)
-        self._on_change()
+        delay = self.failed.record(lens_id, exc)
+        if delay is not None:
+            self._log_event("lens_failed", lens_id, code=exc.code, why=exc.message, retry_in=delay)
+            self._on_change()
 
     def failures(self) -> dict[str, LensFailure]:
         """Failed lenses with their error code and the back-off left."""
-        now = time.monotonic()
-        return {
-            lens_id: LensFailure(
-                code=f.error.code,
-                message=f.error.message,
-                retry_in_seconds=round(max(0.0, f.retry_at - now), 3),
-            )
-            for lens_id, f in self.failed.items()
-        }
+        return self.failed.report()
 
     # -- accounting ------------------------------------------------------------------------
 

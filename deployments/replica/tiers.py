@@ -75,11 +75,14 @@ class ResidentLens:
 class HostTier:
     """Lenses evicted from the device, kept in host RAM; least recently used dropped first.
 
-    Bounded by bytes (`host_cache_gb`). A lens dropped from here is back to "disk only".
+    Bounded by bytes (`host_cache_gb`), which include `reserved_bytes`: lenses a prefetch is
+    reading into this tier (`replica/prefetch.py`). A lens dropped from here is back to "disk
+    only".
     """
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
+        self.reserved_bytes = 0
         self._lenses: OrderedDict[str, Lens] = OrderedDict()
 
     @property
@@ -94,10 +97,25 @@ class HostTier:
     def __contains__(self, lens_id: object) -> bool:
         return lens_id in self._lenses
 
+    def touch(self, lens_id: str) -> bool:
+        """Mark the lens most recently used; False if it is not here."""
+        if lens_id not in self._lenses:
+            return False
+        self._lenses.move_to_end(lens_id)
+        return True
+
+    def get(self, lens_id: str) -> Lens | None:
+        """Return the lens held under this id (its LRU place unchanged), or None."""
+        return self._lenses.get(lens_id)
+
+    def sizes(self) -> dict[str, int]:
+        """Lens id -> bytes, least recently used first."""
+        return {lens_id: lens.nbytes for lens_id, lens in self._lenses.items()}
+
     def put(self, lens: Lens) -> list[str]:
         """Keep `lens` (already on the host); return the ids dropped to make room."""
         self._lenses.pop(lens.lens_id, None)
-        if lens.nbytes > self.capacity_bytes:
+        if lens.nbytes + self.reserved_bytes > self.capacity_bytes:
             return [lens.lens_id]
         self._lenses[lens.lens_id] = lens
         return self._shrink()
@@ -120,7 +138,7 @@ class HostTier:
 
     def _shrink(self) -> list[str]:
         dropped = []
-        while self._lenses and self.nbytes > self.capacity_bytes:
+        while self._lenses and self.nbytes + self.reserved_bytes > self.capacity_bytes:
             lens_id, _ = self._lenses.popitem(last=False)
             dropped.append(lens_id)
         return dropped
