@@ -54,6 +54,18 @@ class LoadStats(_Status):
     mean_bytes: float = 0.0
 
 
+class PrefetchCounts(_Status):
+    """Disk reads ahead of Serve's lock and predictive prefetch on one replica."""
+
+    enabled: bool = Field(False, description="`predictive_prefetch` is on.")
+    prefetched: int = Field(0, description="Lenses read into the host tier by a prefetch.")
+    hits: int = Field(0, description="Requests whose lens a prefetch had put in the host tier.")
+    unused: int = Field(0, description="Prefetched lenses dropped from the host tier unused.")
+    no_room: int = Field(0, description="Candidates skipped: the host tier had no room.")
+    failed: int = Field(0, description="Prefetch reads that failed (the request reports it).")
+    reads_started: int = Field(0, description="Disk reads started ahead of the multiplex lock.")
+
+
 class ReplicaStatus(_Status):
     """One running replica of a group (an entry of `GET /api/v2/groups/{id}/status`)."""
 
@@ -76,6 +88,9 @@ class ReplicaStatus(_Status):
         0, description="Torch threads still running, a cancelled request's until it stops."
     )
     switches: dict[str, int] = Field(default_factory=dict, description="Switches by kind.")
+    prefetch: PrefetchCounts = Field(
+        default_factory=PrefetchCounts, description="Reads ahead and predictive prefetch."
+    )
     loads: dict[str, int] = Field(default_factory=dict, description="Device loads per lens.")
     load_history: dict[str, LoadStats] = Field(
         default_factory=dict, description="Measured switch kinds, and `base`."
