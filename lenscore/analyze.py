@@ -10,22 +10,23 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import torch
 
-from lenscore.base import expand_cache
-from lenscore.decode import decode
-from lenscore.encode import encode
+from lenscore.base import Base, expand_cache
+from lenscore.batch import DecodeWork, EncodeWork, Steps, Work, run_alone
 from lenscore.errors import BadInput, Cancelled, OutOfDeviceMemory
 from lenscore.inputs import Tokens, tokenize_input
 from lenscore.lens import Lens
 from lenscore.options import AnalysisOptions, check_bound
 from lenscore.sampling import SampleKeys, choose_tokens, uniforms
-from lenscore.scores import kl_at_positions, logit_lens_top, mse_of, salience
+from lenscore.scores import kl_at_positions, logit_lens_top, mse_of, salience_steps
 
 DEFAULT_BATCH_SIZE = 32
+# (activation model, ids [1, T], layer) -> activations [T, d]
+ReadActivations = Callable[[Base, torch.Tensor, int], torch.Tensor]
 
 
 def select_positions(tokens: Tokens, options: AnalysisOptions) -> list[int]:
@@ -57,12 +58,17 @@ def analyze(
     on_progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     shared: bool = True,
+    read_activations: ReadActivations | None = None,
 ) -> dict[str, Any]:
     """Explain every requested token of `text` / `messages` with `lens`.
+
+    Runs `analysis_steps` with every decode and encode by itself (`lenscore.batch.run_alone`).
 
     Args:
         shared: False runs the unshared reference path: every sampled row runs the whole
             decoder prompt and encoder input. Same results, slower; for tests and bench.
+        read_activations: `(model, ids [1, T], layer) -> [T, d]`, e.g. a cache; default:
+            one forward of the activation model (`Base.capture`).
 
     Returns:
         `{"meta": {...}, "rows": [...]}` as LENS_FORMAT.md §Result row says.
@@ -71,6 +77,41 @@ def analyze(
         BadInput: bad input or options. Cancelled: `should_stop()` said so between batches.
         OutOfDeviceMemory: an allocation failed on the device.
 
+    """
+    steps = analysis_steps(
+        lens,
+        text=text,
+        messages=messages,
+        options=options,
+        on_progress=on_progress,
+        should_stop=should_stop,
+        read_activations=read_activations,
+    )
+    return run_alone(steps, shared)
+
+
+def capture_activations(model: Base, ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """Activations after block `layer` at every position of `ids` [1, T], [T, d]."""
+    with torch.no_grad():
+        return model.capture(ids, layer)[0]
+
+
+def analysis_steps(
+    lens: Lens,
+    *,
+    text: str | None = None,
+    messages: list[dict[str, Any]] | None = None,
+    options: AnalysisOptions | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    read_activations: ReadActivations | None = None,
+) -> Steps:
+    """`analyze` as a generator: yields each decode and encode work, receives its result.
+
+    Whoever drives it may run a work alone (`run_alone`) or in a pass shared with other
+    requests' works (`lenscore.batch.run_works`); the rows are the same. Everything else
+    (tokenising, activations, scores, rows) runs inside the generator. Returns `analyze`'s
+    result; raises its errors (a device OOM thrown in becomes OutOfDeviceMemory).
     """
     options = options or AnalysisOptions()
     options.validate()
@@ -81,13 +122,13 @@ def analyze(
     batch_size = options.batch_size or DEFAULT_BATCH_SIZE
     resolved = dataclasses.replace(options, seed=seed, batch_size=batch_size)
     ids = torch.tensor([tokens.ids], device=lens.activation_model.device)  # [1, T]
+    read = read_activations or capture_activations
     try:
-        with torch.no_grad():
-            acts = lens.activation_model.capture(ids, lens.config.layer_l)[0]  # [T, d]
-            read_at = time.perf_counter()
-            rows = _analyze_batches(
-                lens, ids, acts, positions, resolved, on_progress, should_stop, shared
-            )
+        acts = read(lens.activation_model, ids, lens.config.layer_l)  # [T, d]
+        read_at = time.perf_counter()
+        rows = yield from _analyze_batches(
+            lens, ids, acts, positions, resolved, on_progress, should_stop
+        )
     except torch.OutOfMemoryError as exc:
         raise OutOfDeviceMemory(
             f"out of device memory analysing {len(positions)} positions with lens "
@@ -121,28 +162,26 @@ def _analyze_batches(
     options: AnalysisOptions,
     on_progress: Callable[[int, int], None] | None,
     should_stop: Callable[[], bool] | None,
-    shared: bool,
-) -> list[dict[str, Any]]:
+) -> Generator[Work, torch.Tensor, list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
     size = options.batch_size or DEFAULT_BATCH_SIZE
     for first in range(0, len(positions), size):
         if should_stop is not None and should_stop():
             raise Cancelled(f"analysis with lens {lens.lens_id} cancelled by the caller")
         chunk = positions[first : first + size]
-        rows += analyze_positions(lens, ids, acts, chunk, options, shared=shared)
+        rows += yield from positions_steps(lens, ids, acts, chunk, options)
         if on_progress is not None:
             on_progress(len(rows), len(positions))
     return rows
 
 
-def _explain(
+def _explain_steps(
     lens: Lens,
     acts: torch.Tensor,
     current: torch.Tensor,
     positions: list[int],
     options: AnalysisOptions,
-    shared: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Generator[Work, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Explanation ids [B, t], their reconstructions [B, d] and mse [B].
 
     Best-of-k keeps the lowest-mse sample of each position. Sample j of a position is keyed
@@ -153,8 +192,8 @@ def _explain(
     keys = None
     if temperature > 0:
         keys = SampleKeys.grid(options.seed, positions, k, lens.base.device)
-    many = decode(lens, acts, temperature=temperature, keys=keys, repeats=k, shared=shared)
-    recons = encode(lens, many, current.repeat_interleave(k), shared=shared)  # [B*k, d]
+    many = yield DecodeWork(lens, acts, temperature, keys, k)  # [B*k, t]
+    recons = yield EncodeWork(lens, many, current.repeat_interleave(k))  # [B*k, d]
     errors = mse_of(acts.repeat_interleave(k, 0), recons)
     best = errors.view(-1, k).argmin(dim=1)  # [B]
     pick = torch.arange(len(positions), device=best.device) * k + best
@@ -171,18 +210,27 @@ def analyze_positions(
     shared: bool = True,
 ) -> list[dict[str, Any]]:
     """Compute the result rows for one batch of positions (`shared`: see `analyze`)."""
+    return run_alone(positions_steps(lens, ids, acts, positions, options), shared)
+
+
+def positions_steps(
+    lens: Lens,
+    ids: torch.Tensor,
+    acts: torch.Tensor,
+    positions: list[int],
+    options: AnalysisOptions,
+) -> Generator[Work, torch.Tensor, list[dict[str, Any]]]:
+    """`analyze_positions` as a generator of works (see `analysis_steps`)."""
     index = torch.tensor(positions, device=acts.device)
     batch_acts = acts[index]  # [B, d]
     current = ids[0, index].to(lens.base.device)  # [B]
-    expl, recon, mse = _explain(lens, batch_acts, current, positions, options, shared)
+    expl, recon, mse = yield from _explain_steps(lens, batch_acts, current, positions, options)
     norm = batch_acts.float().pow(2).mean(dim=-1).sqrt()
     rel = mse.sqrt().cpu() / norm.cpu()
     size = options.batch_size or DEFAULT_BATCH_SIZE
-    sal = (
-        salience(lens, batch_acts, expl, current, mse, size, shared=shared)
-        if options.calculate_salience
-        else None
-    )
+    sal = None
+    if options.calculate_salience:
+        sal = yield from salience_steps(lens, batch_acts, expl, current, mse, size)
     tops = logit_lens_top(lens, batch_acts) if options.logit_lens else None
     kls = kl_at_positions(lens, ids, positions, recon) if options.kl else None
     return [

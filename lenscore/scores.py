@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 import torch
 
-from lenscore.encode import encode
+from lenscore.batch import EncodeWork, run_alone
 from lenscore.lens import Lens
 
 
@@ -21,7 +22,6 @@ def null_token_id(tokenizer: Any) -> int:
     return int(ids[0]) if ids else int(tokenizer.eos_token_id)
 
 
-@torch.no_grad()
 def salience(
     lens: Lens,
     acts: torch.Tensor,
@@ -41,6 +41,19 @@ def salience(
     A slot that already holds the null token gets exactly 0. `shared` is `encode`'s.
 
     """
+    steps = salience_steps(lens, acts, expl, current, mse, batch_size)
+    return run_alone(steps, shared)
+
+
+def salience_steps(
+    lens: Lens,
+    acts: torch.Tensor,
+    expl: torch.Tensor,
+    current: torch.Tensor,
+    mse: torch.Tensor,
+    batch_size: int,
+) -> Generator[EncodeWork, torch.Tensor, list[list[float]]]:
+    """`salience` as a generator of encode works of `batch_size`·t rows (`lenscore.batch`)."""
     batch, t = expl.shape
     null = null_token_id(lens.base.tokenizer)
     variants = expl[:, None, :].repeat(1, t, 1)  # [B, t, t]
@@ -52,7 +65,8 @@ def salience(
     step = max(batch_size, 1) * t
     for first in range(0, batch * t, step):
         rows = slice(first, first + step)
-        errors.append(mse_of(targets[rows], encode(lens, flat[rows], cur[rows], shared=shared)))
+        recon = yield EncodeWork(lens, flat[rows], cur[rows])
+        errors.append(mse_of(targets[rows], recon))
     blanked = torch.cat(errors).view(batch, t)  # [B, t]
     full = mse.to(blanked.device)[:, None]
     scores = (blanked - full) / (full + 1e-9)
