@@ -145,7 +145,29 @@ class ReplicaSpec(_Edge):
         "None: trainer checkpoints only.",
     )
 
+    batch_max_rows: NonNegativeInt = Field(
+        256,
+        description="Rows (positions x samples) of concurrent analyses, of one lens or of "
+        "several lenses of the group, packed into one decode or encode pass; 0: every "
+        "analysis runs alone in its own thread.",
+    )
+    batch_max_wait_ms: NonNegativeFloat = Field(
+        2.0,
+        description="How long a pass may wait for rows of requests already inside the "
+        "replica, in milliseconds; a lone request never waits.",
+    )
+    activation_cache_mb: NonNegativeFloat = Field(
+        256,
+        description="Activations kept per replica for repeated (text, layer, model), LRU by "
+        "bytes, on the replica's device, in MiB; 0: off.",
+    )
+
     _resolve = field_validator("packed_cache_dir", mode="before")(_resolve_dir)
+
+    @property
+    def activation_cache_bytes(self) -> int:
+        """Activation cache size in bytes."""
+        return int(self.activation_cache_mb * 1024**2)
 
     @property
     def host_cache_bytes(self) -> int:
@@ -168,6 +190,9 @@ class ReplicaSpec(_Edge):
             device_memory_budget_gb=self.device_memory_budget_gb,
             predictive_prefetch=self.predictive_prefetch,
             packed_cache_dir=self.packed_cache_dir,
+            batch_max_rows=self.batch_max_rows,
+            batch_max_wait_ms=self.batch_max_wait_ms,
+            activation_cache_mb=self.activation_cache_mb,
         ).model_dump(mode="json", exclude_none=True)
 
     def deployment_options(self) -> dict[str, Any]:
@@ -202,6 +227,15 @@ class ReplicaConfig(_Edge):
     )
     packed_cache_dir: Path | None = Field(
         None, description="Directory of packed lens files (absolute, or relative to the cwd)."
+    )
+    batch_max_rows: NonNegativeInt | None = Field(
+        None, description="Rows per shared decode/encode pass; 0: no batching across requests."
+    )
+    batch_max_wait_ms: NonNegativeFloat | None = Field(
+        None, description="Longest wait of a pass for more rows, in milliseconds."
+    )
+    activation_cache_mb: NonNegativeFloat | None = Field(
+        None, description="Activation cache per replica, in MiB; 0: off."
     )
 
     def apply_to(self, replica: ReplicaSpec) -> ReplicaSpec:

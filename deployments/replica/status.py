@@ -66,6 +66,30 @@ class PrefetchCounts(_Status):
     reads_started: int = Field(0, description="Disk reads started ahead of the multiplex lock.")
 
 
+class BatchingStats(_Status):
+    """The batching scheduler: settings and what its shared passes held."""
+
+    max_rows: int = Field(0, description="Rows per shared pass (`batch_max_rows`); 0: off.")
+    max_wait_ms: float = Field(0.0, description="Longest wait of a pass for more rows.")
+    passes: int = Field(0, description="Decode and encode passes run.")
+    rows: int = Field(0, description="Rows over all passes (positions x samples).")
+    mean_rows_per_pass: float = Field(0.0, description="rows / passes.")
+    shared_passes: int = Field(0, description="Passes holding rows of more than one request.")
+    multi_lens_passes: int = Field(0, description="Passes holding rows of several lenses.")
+    requests: int = Field(0, description="Analyses that left the scheduler.")
+    queued_requests: int = Field(0, description="Analyses in the scheduler now.")
+
+
+class ActivationCacheStats(_Status):
+    """The activation cache: lookups and what it holds."""
+
+    hits: int = Field(0, description="Lookups answered without a base or donor forward.")
+    misses: int = Field(0, description="Lookups that ran the forward.")
+    entries: int = 0
+    cached_bytes: int = Field(0, description="Activations and keys held.")
+    max_bytes: int = Field(0, description="`activation_cache_mb` in bytes; 0: off.")
+
+
 class ReplicaStatus(_Status):
     """One running replica of a group (an entry of `GET /api/v2/groups/{id}/status`)."""
 
@@ -97,6 +121,12 @@ class ReplicaStatus(_Status):
     )
     max_lenses_per_replica: int = 0
     host_cache_bytes: int = 0
+    batching: BatchingStats = Field(
+        default_factory=BatchingStats, description="Shared passes of concurrent analyses."
+    )
+    activation_cache: ActivationCacheStats = Field(
+        default_factory=ActivationCacheStats, description="Activations shared across lenses."
+    )
     updated_at: float = Field(0.0, description="Unix time of this snapshot.")
 
     def tier_of(self, lens_id: str) -> str | None:
