@@ -100,6 +100,12 @@ class ReplicaMetrics:
             description="Tokens analysed (result rows).",
             tag_keys=("group",),
         )
+        self.activation_cache_lookups = Counter(
+            "lens_activation_cache_lookups",
+            description="Activation cache lookups by result: hit (no base or donor forward "
+            "for that text and layer) or miss.",
+            tag_keys=("group", "result"),
+        )
         for metric in (
             self.switch_seconds,
             self.load_seconds,
@@ -110,6 +116,7 @@ class ReplicaMetrics:
             self.load_failures,
             self.analyze_seconds,
             self.analyzed_tokens,
+            self.activation_cache_lookups,
         ):
             metric.set_default_tags({"group": group_id})
 
@@ -137,6 +144,10 @@ class ReplicaMetrics:
         for kind, key in MEMORY_KINDS.items():
             if key in memory_bytes:
                 self.device_memory_bytes.set(memory_bytes[key], tags={"kind": kind})
+
+    def record_activation_lookup(self, result: str) -> None:
+        """Count one activation cache lookup (`result`: hit or miss)."""
+        self.activation_cache_lookups.inc(1, tags={"result": result})
 
     def record_analysis(self, seconds: float, tokens: int) -> None:
         """Count one finished analysis and its tokens."""

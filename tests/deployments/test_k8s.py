@@ -28,7 +28,12 @@ HISTOGRAMS = {
     "lens_analyze_seconds",
 }
 GAUGES = {"lens_resident_lenses", "lens_device_memory_bytes"}
-COUNTERS = {"lens_load_failures", "lens_requests", "lens_analyzed_tokens"}
+COUNTERS = {
+    "lens_load_failures",
+    "lens_requests",
+    "lens_analyzed_tokens",
+    "lens_activation_cache_lookups",
+}
 # Ray Serve's multiplexing metrics, which DESIGN keeps on for the cache hit rate.
 RAY_SERVE_COUNTERS = {
     "serve_multiplexed_models_load_counter",
