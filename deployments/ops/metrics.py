@@ -145,9 +145,11 @@ class ReplicaMetrics:
             if key in memory_bytes:
                 self.device_memory_bytes.set(memory_bytes[key], tags={"kind": kind})
 
-    def record_activation_lookup(self, result: str) -> None:
-        """Count one activation cache lookup (`result`: hit or miss)."""
-        self.activation_cache_lookups.inc(1, tags={"result": result})
+    def record_activation_lookups(self, hits: int, misses: int) -> None:
+        """Count activation cache lookups by result."""
+        for result, count in (("hit", hits), ("miss", misses)):
+            if count:
+                self.activation_cache_lookups.inc(count, tags={"result": result})
 
     def record_analysis(self, seconds: float, tokens: int) -> None:
         """Count one finished analysis and its tokens."""

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 import ray
@@ -26,10 +27,12 @@ from ray.serve.exceptions import RayServeException
 from deployments.config import GroupSpec, ReplicaConfig
 from deployments.group_files import file_stamp, reread_group
 from deployments.ops.metrics import ReplicaMetrics
+from deployments.replica.activations import ActivationCache
 from deployments.replica.execution import Execution, drain
 from deployments.replica.memory import read_memory
 from deployments.replica.registry import StatusPublisher
 from deployments.replica.residency import LensResidency
+from deployments.replica.scheduler import BatchScheduler, settings_of
 from deployments.replica.status import LoadStats, ReplicaLenses, ReplicaMemory, ReplicaStatus
 from deployments.replica.tiers import ResidentLens
 from lenscore import AnalysisOptions, BadInput, analyze, generate, load_base, reply
@@ -50,7 +53,7 @@ class GroupServer:
         group: GroupSpec,
         *,
         device: str | None = None,
-        run_analysis: Callable[..., dict[str, Any]] = analyze,
+        run_analysis: Callable[..., dict[str, Any]] | None = None,
         run_generation: Callable[..., dict[str, Any]] = generate,
     ) -> None:
         """Load the base onto this replica's device; lenses load on their first request.
@@ -58,14 +61,16 @@ class GroupServer:
         Args:
             group: the validated group.
             device: force a device (default: the GPU Ray assigned, else CPU).
-            run_analysis: `lenscore.analyze`; a test seam for injecting a device OOM.
+            run_analysis: a stand-in for `lenscore.analyze` (a test seam for injecting a
+                device OOM); given one, analyses run unbatched through it.
             run_generation: `lenscore.generate`; the same seam for generation.
 
         """
         self.group = group
         self._lens_ids = {lens.lens_id for lens in group.lenses}
         self._file_stamp = file_stamp(group.source_file)
-        self._analyze = run_analysis
+        self._analyze = run_analysis or analyze
+        self._seam = run_analysis is not None
         self._generate = run_generation
         identity = _replica_identity()
         self.replica_id, self.app_name, self._actor_name = identity
@@ -82,6 +87,11 @@ class GroupServer:
             in_serve=in_serve, on_change=self.publisher.changed, log_event=self._log_event,
         )  # fmt: skip
         self.execution = Execution(self.residency, on_change=self.publisher.changed)
+        self.activations = ActivationCache(group.replica.activation_cache_bytes)
+        self.scheduler = BatchScheduler(
+            settings_of(group.replica), read_activations=self.activations.read,
+            expected=lambda: self.execution.in_flight, on_change=self.publisher.changed,
+        )  # fmt: skip
         # Report at once: until a replica reports, the ingress sees its group as having none
         # and would count the next request as a cold start.
         self.publisher.publish_now()
@@ -101,13 +111,7 @@ class GroupServer:
         async with self.execution.using(await self._lens_id(lens_id)) as (resident, switch):
             options = self._options(body, resident.lens_id)
             started = time.perf_counter()
-            result = await self.execution.run_with_oom_retry(
-                resident,
-                self._analysis(resident, body, options, stop),
-                self._analysis(resident, body, _halved(options), stop),
-                stop,
-                advice="retry later or with a shorter text",
-            )
+            result = await self._run_analysis(resident, body, options, stop)
         self.metrics.record_analysis(time.perf_counter() - started, len(result["rows"]))
         result["meta"].update(self._public_meta(resident.lens_id), switch=switch.as_dict())
         return result
@@ -131,8 +135,8 @@ class GroupServer:
             async with self.execution.using(await self._lens_id(lens_id)) as (resident, switch):
                 options = self._options(body, resident.lens_id)
                 started = time.perf_counter()
-                work = self._analysis(resident, body, options, stop, on_progress=on_progress)
-                task = asyncio.ensure_future(self.execution.run(resident, work, stop))
+                work = self._run_analysis(resident, body, options, stop, on_progress, retry=False)
+                task = asyncio.ensure_future(work)
                 async for event in drain(events, task):
                     yield event
                 result = task.result()
@@ -256,6 +260,40 @@ class GroupServer:
             options = dataclasses.replace(options, batch_size=batch_size)
         return options
 
+    async def _run_analysis(
+        self,
+        resident: ResidentLens,
+        body: dict[str, Any],
+        options: AnalysisOptions,
+        stop: threading.Event,
+        on_progress: Callable[[int, int], None] | None = None,
+        *,
+        retry: bool = True,
+    ) -> dict[str, Any]:
+        """Run one analysis in the scheduler's shared passes, or alone in a thread.
+
+        Alone when batching is off (`batch_max_rows: 0`) or a test seam stands in for
+        lenscore. `retry`: a device OOM frees idle lenses and retries with half the batch.
+        """
+        try:
+            if self._seam or not self.scheduler.settings.enabled:
+                hooks = {"read_activations": self.activations.read, "on_progress": on_progress}
+                work = self._analysis(resident, body, options, stop, **hooks)
+                if not retry:
+                    return await self.execution.run(resident, work, stop)
+                smaller = self._analysis(resident, body, _halved(options), stop, **hooks)
+                return await self.execution.run_with_oom_retry(
+                    resident, work, smaller, stop, advice="retry later or with a shorter text"
+                )
+            free = partial(self.residency.free_device_memory, keep=resident.lens_id)
+            return await self.scheduler.analyze(
+                resident.lens, text=body.get("text"), messages=body.get("messages"),
+                options=options, stop=stop, on_progress=on_progress, hold=resident.hold,
+                release=resident.release, free_memory=free if retry else None,
+            )  # fmt: skip
+        finally:
+            self.metrics.record_activation_lookups(*self.activations.take_counts())
+
     def _analysis(
         self,
         resident: ResidentLens,
@@ -278,6 +316,8 @@ class GroupServer:
         config = ReplicaConfig.model_validate(user_config or {})
         replica = config.apply_to(self.group.replica)
         await self.residency.reconfigure(replica)
+        self.scheduler.reconfigure(settings_of(replica))
+        self.activations.resize(replica.activation_cache_bytes)
         self._log_event("reconfigure", None, replica=replica.model_dump(mode="json"))
         self.publisher.changed()
 
@@ -317,13 +357,15 @@ class GroupServer:
             donors=[residency.donor_id(path) for path in residency.donors.paths()],
             donor_loads=residency.donors.loads,
             in_flight=self.execution.in_flight,
-            busy_threads=self.execution.busy_threads,
+            busy_threads=self.execution.busy_threads + self.scheduler.busy,
             switches=dict(residency.switches),
             prefetch=residency.prefetch.report(),
             loads=dict(residency.loads),
             load_history=residency.load_history() | {"base": base_stats},
             max_lenses_per_replica=residency.replica.max_lenses_per_replica,
             host_cache_bytes=residency.replica.host_cache_bytes,
+            batching=self.scheduler.stats(),
+            activation_cache=self.activations.stats(),
             updated_at=time.time(),
         )
 
