@@ -4,8 +4,8 @@ Beside `checkpoint.py` on the data path (DESIGN §Serving shape, "Packed lens fi
 trainer checkpoint stays the source of truth: a packed file is named by a key of the source
 file's resolved path, size, modification time and `PACK_FORMAT_VERSION`, so a changed source
 simply has no packed file until `lens-serve pack` writes one again. Packed files are read
-without pickle, one positioned read per tensor into memory the process owns (pinned on a GPU
-host); any failure to read one falls back to the trainer file with a log line.
+without pickle: memory-mapped, each tensor copied into memory the process owns (pinned on a
+GPU host); any failure to read one falls back to the trainer file with a log line.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,7 +248,12 @@ def _raw_from(
 
 
 def read_tensors(path: Path, *, pinned: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read every tensor of a safetensors file into new (optionally pinned) memory.
+    """Copy every tensor of a safetensors file out of a mapping into new memory.
+
+    The copies are torch copies (several threads for a large tensor), into pinned memory when
+    `pinned`. NOTE: unlike a trainer file, a packed file is never rewritten in place
+    (`pack_checkpoint` renames a new file over it), so the mapping cannot lose its pages
+    (SIGBUS) while it is read.
 
     Returns:
         (name -> tensor, the header's `__metadata__`).
@@ -256,26 +262,40 @@ def read_tensors(path: Path, *, pinned: bool = False) -> tuple[dict[str, torch.T
         OSError, ValueError, KeyError, EOFError: unreadable, truncated or malformed file.
 
     """
-    with open(path, "rb", buffering=0) as f:
+    with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         n = int.from_bytes(_read_exact(f, 8), "little")
         if not 0 < n <= min(size - 8, _MAX_HEADER_BYTES):
             raise ValueError(f"header length {n} does not fit a {size}-byte file")
         header = json.loads(_read_exact(f, n))
         meta = header.pop("__metadata__", None) or {}
-        start_of_data = 8 + n
-        tensors = {}
-        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            begin, end = entry["data_offsets"]
-            tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]], pin_memory=pinned)
-            nbytes = tensor.numel() * tensor.element_size()
-            if end - begin != nbytes or start_of_data + end > size:
-                raise ValueError(f"tensor {name}: offsets {begin}..{end} do not match its shape")
-            if nbytes:
-                f.seek(start_of_data + begin)
-                _read_into(f, tensor.reshape(-1).view(torch.uint8).numpy(), nbytes)
-            tensors[name] = tensor
+        # ACCESS_COPY (a private mapping): writable for torch.frombuffer, never written back.
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+            tensors = _copy_out(mapped, header, 8 + n, size, pinned)
     return tensors, meta
+
+
+def _copy_out(
+    mapped: mmap.mmap, header: dict[str, Any], start_of_data: int, size: int, pinned: bool
+) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]], pin_memory=pinned)
+        nbytes = tensor.numel() * tensor.element_size()
+        if end - begin != nbytes or start_of_data + end > size:
+            raise ValueError(f"tensor {name}: offsets {begin}..{end} do not match its shape")
+        if nbytes:
+            offset = start_of_data + begin
+            # Typed copies where aligned (safetensors aligns them): faster than byte copies.
+            flat = tensor.reshape(-1)
+            if offset % tensor.element_size():
+                flat = flat.view(torch.uint8)
+            source = torch.frombuffer(mapped, dtype=flat.dtype, count=flat.numel(), offset=offset)
+            flat.copy_(source)
+            del source  # the mapping closes only once no view of it is left
+        tensors[name] = tensor
+    return tensors
 
 
 def _read_exact(f: BinaryIO, n: int) -> bytes:
@@ -283,16 +303,6 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
     if len(data) != n:
         raise EOFError(f"file ends after {len(data)} of {n} bytes")
     return data
-
-
-def _read_into(f: BinaryIO, buffer: Any, nbytes: int) -> None:
-    view = memoryview(buffer)
-    got = 0
-    while got < nbytes:  # one read() returns at most ~2 GiB on Linux
-        n = f.readinto(view[got:])
-        if not n:
-            raise EOFError(f"file ends after {got} of {nbytes} tensor bytes")
-        got += n
 
 
 def own_tensors(raw: RawCheckpoint, *, pinned: bool = False) -> RawCheckpoint:
