@@ -3,11 +3,15 @@
 Below `GroupServer` on the data path. A request's lens comes from the device slots (Serve's
 multiplex LRU, `replica/multiplex.py`), else from the host tier, else from disk; loads that
 fail are remembered with a back-off (DESIGN §Serving shape, "Tiers"; §Metrics, switch kinds).
+Over 400 lines: the switch, its reads, evictions and live lens changes all run under, or
+around, the one multiplex lock, and keeping them in one class keeps that lock's rules in
+one place; reads ahead and prefetch policy live in `replica/prefetch.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -131,19 +135,15 @@ class LensResidency:
         started = time.perf_counter()
         was_resident = lens_id in self.slots
         self.prefetch.notice(lens_id)
-        # A host-tier lens becomes most recently used there, so the eviction that makes room
-        # for it on the device does not push it out of the host tier first. Otherwise the
-        # disk read starts now, while the request may still wait for Serve's lock: reads of
-        # several lenses overlap, only their device copies take turns (DESIGN "Preloading").
+        # A host-tier lens is kept there, so the eviction that makes room for it on the device
+        # cannot push it out of the host tier first. Otherwise the disk read starts now, while
+        # the request may still wait for Serve's lock: reads of several lenses overlap, only
+        # their device copies take turns (DESIGN "Preloading").
         in_host = not was_resident and self.host.touch(lens_id)
         read = not was_resident and not in_host and lens_id not in self.failed
         async with self.read_ahead.request(lens_id, read=read):
-            while True:
-                resident = await self.slots.get(lens_id)
-                # An eviction can only start while no request holds the lens, so this retries
-                # at most once per concurrent eviction.
-                if resident.try_acquire():
-                    break
+            with self.host.keeping(lens_id) if in_host else contextlib.nullcontext():
+                resident = await self._acquire_resident(lens_id)
         seconds = time.perf_counter() - started
         kind = "hit" if was_resident else resident.kind
         self.switches[kind] += 1
@@ -153,6 +153,14 @@ class LensResidency:
         else:
             self._on_change()  # the load reported before Serve put the lens in its LRU
         return resident, Switch(kind, seconds, ready_at=time.time())
+
+    async def _acquire_resident(self, lens_id: str) -> ResidentLens:
+        while True:
+            resident = await self.slots.get(lens_id)
+            # An eviction can only start while no request holds the lens, so this retries
+            # at most once per concurrent eviction.
+            if resident.try_acquire():
+                return resident
 
     def retry_now(self, lens_id: str) -> None:
         """Forget a lens's failure back-off: the next request tries to load it again."""

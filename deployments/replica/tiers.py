@@ -7,9 +7,10 @@ LRU itself is Serve's (`replica/multiplex.py`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 from lenscore import Base, Lens
@@ -84,6 +85,7 @@ class HostTier:
         self.capacity_bytes = capacity_bytes
         self.reserved_bytes = 0
         self._lenses: OrderedDict[str, Lens] = OrderedDict()
+        self._kept: Counter[str] = Counter()  # lens id -> requests about to take it
 
     @property
     def nbytes(self) -> int:
@@ -103,6 +105,21 @@ class HostTier:
             return False
         self._lenses.move_to_end(lens_id)
         return True
+
+    @contextlib.contextmanager
+    def keeping(self, lens_id: str) -> Iterator[None]:
+        """Never drop this lens to make room meanwhile (a request is about to take it).
+
+        NOTE: Serve evicts its LRU lens before it calls the loader, and that eviction puts a
+        lens here; without this the put could push out the very lens being switched to.
+        """
+        self._kept[lens_id] += 1
+        try:
+            yield
+        finally:
+            self._kept[lens_id] -= 1
+            if self._kept[lens_id] <= 0:
+                del self._kept[lens_id]
 
     def get(self, lens_id: str) -> Lens | None:
         """Return the lens held under this id (its LRU place unchanged), or None."""
@@ -139,7 +156,11 @@ class HostTier:
     def _shrink(self) -> list[str]:
         dropped = []
         while self._lenses and self.nbytes + self.reserved_bytes > self.capacity_bytes:
-            lens_id, _ = self._lenses.popitem(last=False)
+            # Least recently used first, but not a lens a request is about to take.
+            lens_id = next((x for x in self._lenses if x not in self._kept), None)
+            if lens_id is None:
+                break  # only kept lenses: they leave for the device next
+            del self._lenses[lens_id]
             dropped.append(lens_id)
         return dropped
 

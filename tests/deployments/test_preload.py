@@ -105,6 +105,26 @@ def test_a_request_cancelled_while_waiting_drops_its_read(write_groups):
     asyncio.run(scenario())
 
 
+def test_the_eviction_making_room_never_pushes_out_the_host_lens_being_switched_to(
+    write_groups, demo_dir
+):
+    one_lens_gb = 1.2 * read_checkpoint(demo_dir / "lenses" / LENSES[0]).tensor_bytes / GIB
+    server = make_server(write_groups, max_lenses_per_replica=1, host_cache_gb=one_lens_gb)
+
+    async def scenario() -> list[str]:
+        kinds = []
+        for lens_id in (LENSES[0], LENSES[1], LENSES[0]):
+            kinds.append((await server.ensure_lens(lens_id=lens_id))["kind"])
+        return kinds
+
+    # Serve evicts LENSES[1] into the full host tier before loading LENSES[0] from it: the
+    # evicted lens is the one dropped.
+    assert asyncio.run(scenario()) == ["first", "disk", "host"]
+    status = server.snapshot()
+    assert status.lenses.device == [LENSES[0]] and status.lenses.host == []
+    assert status.memory.host_bytes <= server.residency.host.capacity_bytes
+
+
 async def step_through(server: GroupServer, lens_ids: list[str], sweeps: int, check=None):
     """Request each lens in turn, `sweeps` times, letting the replica go idle in between."""
     kinds = []
