@@ -25,7 +25,7 @@ qwen2-tiny-l0-single has its own, and the donor lens reads the donor's activatio
 
     python bench/throughput.py                      # demo tree built in a tmp dir
     python bench/throughput.py --demo .demo --seconds 10 --clients 8
-    python bench/throughput.py --big                # hidden-1024, 8-layer bases (slow)
+    python bench/throughput.py --hidden 256 --layers 4   # a larger CPU base
     python bench/throughput.py --threads 1 --replica-cpus 1   # a busy shared machine
 
 Ray gives an actor with fractional `num_cpus` OMP_NUM_THREADS=1, i.e. one torch thread:
@@ -78,7 +78,8 @@ def parse_args() -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, help="demo tree (default: build one in a tmp dir)")
-    parser.add_argument("--big", action="store_true", help="hidden-1024, 8-layer demo bases")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size of a built tree")
+    parser.add_argument("--layers", type=int, default=3, help="layers of a built tree")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=8.0, help="per served measurement")
     parser.add_argument("--latency-requests", type=int, default=40)
@@ -468,7 +469,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lens-throughput-") as scratch:
         demo = args.demo or Path(scratch) / "demo"
         if not (demo / "manifest.json").is_file():
-            make_demo(demo, **({"hidden_size": 1024, "n_layers": 8} if args.big else {}))
+            make_demo(demo, hidden_size=args.hidden, n_layers=args.layers)
         manifest = json.loads((demo / "manifest.json").read_text())
         base = load_base(demo / manifest["bases"][GROUP])
         donor = load_base(demo / manifest["donors"][DONOR])
