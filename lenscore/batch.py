@@ -19,7 +19,8 @@ Rows of different lengths are never padded: padding would change every row's flo
 What remains is the kernels' own choice by batch size (a CPU GEMM of fewer than ~12 rows
 takes another kernel and rounds differently), so floats agree to float32 rounding and token
 ids agree unless a logit tie or a sampling draw sits within that rounding (LENS_FORMAT
-§Sampling and seeds).
+§Sampling and seeds). (Past 400 lines: the works, the two pass kinds and the drivers that run
+them belong together.)
 """
 
 from __future__ import annotations

@@ -101,6 +101,7 @@ class BatchScheduler:
         read_activations: ReadActivations | None = None,
         expected: Callable[[], int] = lambda: 0,
         on_change: Callable[[], None] = lambda: None,
+        run_pass: Callable[[list[Work]], list[torch.Tensor]] = run_works,
     ) -> None:
         """Start idle; the worker thread and the pump start with the first request.
 
@@ -110,12 +111,14 @@ class BatchScheduler:
             expected: requests inside the replica that may soon bring rows (a pass waits
                 up to `max_wait_ms` while this is above the ones already here).
             on_change: called when the requests held change (status).
+            run_pass: `lenscore.batch.run_works`; a test seam for injecting a device OOM.
 
         """
         self.settings = settings
         self._read = read_activations
         self._expected = expected
         self._on_change = on_change
+        self._run_pass = run_pass
         self._requests: list[_Request] = []
         self._seq = itertools.count()
         self._since = itertools.count()  # advanced only by the worker thread
@@ -381,7 +384,7 @@ class BatchScheduler:
             return
         works = [r.work.take(a, b) for r, a, b in unit.pieces]  # type: ignore[union-attr]
         try:
-            results = run_works(works)
+            results = self._run_pass(works)
         except Exception as exc:  # noqa: BLE001 - raised inside each request of the pass
             # A device OOM becomes OutOfDeviceMemory in lenscore and `analyze` retries with
             # half the batch; the next passes are smaller too.

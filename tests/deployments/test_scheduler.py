@@ -279,3 +279,48 @@ def test_served_activation_cache_hits_show_in_status_and_metrics(served, ray_clu
 
     counts = wait_until(exported, timeout_s=60, what="lens_activation_cache_lookups exported")
     assert counts["miss"] >= cache["misses"] > 0
+
+
+def test_a_device_oom_in_a_pass_halves_the_batch_and_retries_once(write_groups, demo_dir):
+    import threading
+
+    import torch
+
+    from deployments.replica.scheduler import BatchScheduler, BatchSettings
+    from lenscore import OutOfDeviceMemory
+    from lenscore.batch import run_works
+
+    server = make_server(write_groups, demo_dir)
+    sizes: list[int] = []
+    freed: list[bool] = []
+
+    def oom_first(works):
+        sizes.append(sum(w.rows for w in works))
+        if len(sizes) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return run_works(works)
+
+    def oom_always(works):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    async def free() -> None:
+        freed.append(True)
+
+    async def scenario() -> dict:
+        resident, _ = await server.residency.acquire(LENSES[0])
+        options = server._options(body(TEXTS[0], 0.0, 0), LENSES[0])
+        call = {"text": TEXTS[0], "messages": None, "stop": threading.Event(),
+                "free_memory": free}  # fmt: skip
+        retried = BatchScheduler(BatchSettings(64, 0), run_pass=oom_first)
+        result = await retried.analyze(resident.lens, options=options, **call)
+        failing = BatchScheduler(BatchSettings(64, 0), run_pass=oom_always)
+        with pytest.raises(OutOfDeviceMemory, match="also after freeing idle lenses"):
+            await failing.analyze(resident.lens, options=options, **call)
+        resident.release()
+        return result
+
+    result = asyncio.run(scenario())
+    assert sizes[0] == 6 and result["meta"]["options"]["batch_size"] == 3  # halved
+    assert sizes[1] == 3 and freed == [True, True]  # the retry's first decode: 3 rows
+    alone = server.snapshot()  # the replica itself was not involved
+    assert alone.batching.passes == 0
