@@ -240,6 +240,8 @@ class Prefetcher:
             self._busy = True
             try:
                 await self._round()
+            except Exception:  # noqa: BLE001 - the loop must outlive one bad round
+                log.exception("prefetch round failed; prefetching goes on")
             finally:
                 self._busy = False
 
