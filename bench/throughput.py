@@ -162,9 +162,7 @@ def in_process(lenses: dict[str, Any], texts: list[str], args: argparse.Namespac
     batch = max(sweep, key=lambda b: sweep[b]["wall"])
     best = {lens_id: best_rate(lens, long_text(texts), batch, args.repeats)
             for lens_id, lens in lenses.items()}  # fmt: skip
-    latencies = [timed_analysis(first, t, 48)[1] for t in texts[-args.latency_requests :]]
     return {"batch": batch, "sweep": sweep, "best": best,
-            "p50_ms": 1000 * statistics.median(latencies),
             "requests": request_rates(lenses, texts, args),
             "together": {count: together_rate(lenses, texts, count, args.clients)
                          for count in (1, 4)}}  # fmt: skip
@@ -293,14 +291,31 @@ def start_serve(port: int) -> None:
 
 def latency_p50_ms(url: str, lens_id: str, texts: list[str]) -> float:
     """One client, one request at a time: the median latency in ms."""
-    latencies = []
+    with httpx.Client(timeout=120) as client:
+        return 1000 * statistics.median(timed_post(client, url, lens_id, t) for t in texts)
+
+
+def timed_post(client: httpx.Client, url: str, lens_id: str, text: str) -> float:
+    """Seconds of one analysis request."""
+    started = time.perf_counter()
+    response = client.post(f"{url}/api/v2/lenses/{lens_id}/analyze", json=body(text))
+    seconds = time.perf_counter() - started
+    response.raise_for_status()
+    return seconds
+
+
+def interleaved_p50_ms(url: str, lens: Any, texts: list[str]) -> dict[str, float]:
+    """p50 ms of in-process, bare Serve and lens-serve, one request of each in turn.
+
+    Taking them in turn exposes all three to the same machine load.
+    """
+    seconds: dict[str, list[float]] = {"in_process": [], "bare": [], "lens": []}
     with httpx.Client(timeout=120) as client:
         for text in texts:
-            started = time.perf_counter()
-            response = client.post(f"{url}/api/v2/lenses/{lens_id}/analyze", json=body(text))
-            latencies.append(time.perf_counter() - started)
-            response.raise_for_status()
-    return 1000 * statistics.median(latencies)
+            seconds["in_process"].append(timed_analysis(lens, text, 48)[1])
+            seconds["bare"].append(timed_post(client, f"{url}/bare", lens.lens_id, text))
+            seconds["lens"].append(timed_post(client, f"{url}/lens", lens.lens_id, text))
+    return {name: 1000 * statistics.median(values) for name, values in seconds.items()}
 
 
 async def served_rate(
@@ -380,8 +395,7 @@ def served(
     latency_p50_ms(f"{url}/bare", LENSES[0], texts[:5])
     probe = texts[-args.latency_requests :]
     out: dict[str, Any] = {
-        "bare_p50_ms": latency_p50_ms(f"{url}/bare", LENSES[0], probe),
-        "lens_p50_ms": latency_p50_ms(f"{url}/lens", LENSES[0], probe),
+        "p50_ms": interleaved_p50_ms(url, lenses[LENSES[0]], probe),
         "bare_rate": asyncio.run(
             served_rate(f"{url}/bare", LENSES[:1], texts, args.clients, args.seconds)
         ),
@@ -417,7 +431,8 @@ def served(
 def print_table(inproc: dict, serve_out: dict, args: argparse.Namespace) -> None:
     """Markdown: in-process rows, latency rows, then served rows/s against in-process."""
     best, requests = inproc["best"], inproc["requests"]
-    overhead = serve_out["lens_p50_ms"] - inproc["p50_ms"] - serve_out["bare_p50_ms"]
+    p50 = serve_out["p50_ms"]
+    overhead = p50["lens"] - p50["in_process"] - p50["bare"]
     ok = "ok" if overhead <= TARGET_OVERHEAD_MS else "MISS"
     print(f"\n{load()}; in-process best batch size {inproc['batch']}")
     print("| measure | rows/s (wall) | rows per CPU-second | target |")
@@ -447,9 +462,9 @@ def print_table(inproc: dict, serve_out: dict, args: argparse.Namespace) -> None
     # TODO(issue 11): preload and packed-file rows (bench/preload.py) belong here; pass their
     # measurements into print_table as extra (measure, wall, cpu, target) rows.
     print("\n| latency, one client | p50 ms | | target |\n|---|---:|---:|---|")
-    print(f"| in-process `lenscore.analyze` | {inproc['p50_ms']:.1f} | | |")
-    print(f"| bare Serve | {serve_out['bare_p50_ms']:.1f} | | |")
-    print(f"| lens-serve | {serve_out['lens_p50_ms']:.1f} | | |")
+    print(f"| in-process `lenscore.analyze` | {p50['in_process']:.1f} | | |")
+    print(f"| bare Serve | {p50['bare']:.1f} | | |")
+    print(f"| lens-serve | {p50['lens']:.1f} | | |")
     print(f"| overhead beyond Serve | {overhead:.1f} | | <= {TARGET_OVERHEAD_MS} ms {ok} |")
     for mode in ("batched", "alone"):
         if f"status_{mode}" in serve_out:
