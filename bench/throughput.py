@@ -193,8 +193,17 @@ def together_rate(lenses: dict[str, Any], texts: list[str], count: int, clients:
     return rows / (time.perf_counter() - started)
 
 
-def tree_cpu_seconds() -> float:
-    """CPU seconds used so far by this process's descendants (Ray: GCS, raylet, workers)."""
+# Process roles by command line (Ray names actor processes `ray::<class>:<app>:<deployment>`).
+ROLES = {
+    "replica": f"ServeReplica:lens:{GROUP}",
+    "ingress": "ServeReplica:lens:Ingress",
+    "proxy": "ProxyActor",
+    "bare": "ServeReplica:bare:",
+}
+
+
+def tree_cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by this process's descendants (Ray), by role and in all."""
     tick = os.sysconf("SC_CLK_TCK")
     parents: dict[int, int] = {}
     used: dict[int, float] = {}
@@ -210,7 +219,16 @@ def tree_cpu_seconds() -> float:
     while frontier:
         frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
         mine |= frontier
-    return sum(used[pid] for pid in mine)
+    out = dict.fromkeys([*ROLES, "other"], 0.0)
+    for pid in mine:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            command = ""
+        role = next((r for r, mark in ROLES.items() if mark in command), "other")
+        out[role] += used[pid]
+    out["all"] = sum(used[pid] for pid in mine)
+    return out
 
 
 # -- Serve --------------------------------------------------------------------------------
@@ -344,9 +362,12 @@ async def served_rate(
     async with httpx.AsyncClient(timeout=300, limits=limits) as http:
         cpu, started = tree_cpu_seconds(), time.perf_counter()
         done = await asyncio.gather(*(client(http) for _ in range(clients)))
-        elapsed, cpu = time.perf_counter() - started, tree_cpu_seconds() - cpu
-    rows = sum(r for r, _ in done)
-    return {"wall": rows / elapsed, "cpu": rows / cpu, "requests": sum(n for _, n in done)}
+        elapsed, after = time.perf_counter() - started, tree_cpu_seconds()
+    rows, requests = sum(r for r, _ in done), sum(n for _, n in done)
+    per_request_ms = {role: round(1000 * (after[role] - cpu[role]) / requests, 1)
+                      for role in after}  # fmt: skip
+    return {"wall": rows / elapsed, "cpu": rows / (after["all"] - cpu["all"]),
+            "requests": requests, "cpu_ms_per_request": per_request_ms}  # fmt: skip
 
 
 def replica_batching(app: str) -> dict[str, Any]:
@@ -419,7 +440,8 @@ def served(
             print(f"  served {mode:<7} {count} lens(es){' 8 texts' if repeated else ''}: "
                   f"{rate['wall']:.0f} rows/s (in-process {ref['wall']:.0f}), "
                   f"{rate['cpu']:.0f} rows/cpu-s (in-process {ref['cpu']:.0f}), "
-                  f"{rate['requests']} requests, {load()}", flush=True)  # fmt: skip
+                  f"{rate['requests']} requests, CPU ms per request "
+                  f"{rate['cpu_ms_per_request']}, {load()}", flush=True)  # fmt: skip
         out[f"status_{mode}"] = replica_batching("lens")
     serve.shutdown()
     return out
@@ -448,6 +470,11 @@ def print_table(inproc: dict, serve_out: dict, args: argparse.Namespace) -> None
     bare = serve_out["bare_rate"]
     print(f"| bare Serve, {args.clients} clients (rows/s had each answer ~37 real rows) "
           f"| {bare['wall']:.0f} | {bare['cpu']:.0f} | |")  # fmt: skip
+    print(f"\nCPU ms per request by process: bare Serve {bare['cpu_ms_per_request']}")
+    for (mode, count, repeated), (rate, _) in serve_out["rates"].items():
+        what = f"{mode}, {count} lens(es){', 8 texts' if repeated else ''}"
+        print(f"CPU ms per request by process: lens-serve {what}: {rate['cpu_ms_per_request']}")
+    print("\n| measure | rows/s (wall) | rows per CPU-second | target |\n|---|---:|---:|---|")
     for (mode, count, repeated), (rate, ref) in serve_out["rates"].items():
         what = f"served, {args.clients} clients, {count} lens(es)"
         what += ", 8 texts over and over" if repeated else ""
