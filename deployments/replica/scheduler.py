@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import logging
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,8 @@ from deployments.replica.status import BatchingStats
 from lenscore import AnalysisOptions, Cancelled, Lens, OutOfDeviceMemory
 from lenscore.analyze import ReadActivations, analysis_steps
 from lenscore.batch import Steps, Work, run_works, shape_key
+
+log = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -222,9 +225,13 @@ class BatchScheduler:
         return len(self._requests)
 
     def reconfigure(self, settings: BatchSettings) -> None:
-        """Apply new settings from the next pass on (0 rows: new requests run unbatched)."""
+        """Apply new settings from the next pass on.
+
+        0 rows: new requests run unbatched; those already here finish at the old size.
+        """
         self.settings = settings
-        self._row_cap = settings.max_rows
+        if settings.max_rows > 0:
+            self._row_cap = settings.max_rows
         self._poke()
 
     def stats(self) -> BatchingStats:
@@ -257,19 +264,26 @@ class BatchScheduler:
     async def _run_pump(self) -> None:
         loop = asyncio.get_running_loop()
         while self._requests:
-            self._drop_stopped()
-            if not self._requests:
-                break
-            if all(r.started for r in self._requests):
-                await self._gather(loop)
-            unit = self._plan()
             try:
-                await loop.run_in_executor(self._executor, self._execute, unit)
+                await self._step(loop)
             except Exception as exc:  # noqa: BLE001 - a scheduler bug must not hang requests
-                for request in self._requests:
-                    request.outcome = ("error", exc)
-            self._settle(unit)
-        self._row_cap = self.settings.max_rows
+                log.exception("batching scheduler failed; failing the requests it held")
+                for request in list(self._requests):
+                    request.outcome = request.outcome or ("error", exc)
+                    self._finish(request)
+        if self.settings.max_rows > 0:
+            self._row_cap = self.settings.max_rows
+
+    async def _step(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Drop stopped requests, wait for more rows if useful, run one unit, settle it."""
+        self._drop_stopped()
+        if not self._requests:
+            return
+        if all(r.started for r in self._requests):
+            await self._gather(loop)
+        unit = self._plan()
+        await loop.run_in_executor(self._executor, self._execute, unit)
+        self._settle(unit)
 
     async def _gather(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait up to `max_wait_ms` for requests inside the replica that are not here yet."""
