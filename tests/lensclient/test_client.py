@@ -9,6 +9,7 @@ import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -153,7 +154,10 @@ def test_async_client(url: str, client: LensClient) -> None:
             job = await aio.submit("generate", QWEN, text=TEXT, max_new_tokens=2, temperature=0)
             return frame, many, await job.result(timeout=120)
 
-    frame, many, generated = asyncio.run(run())
+    # Its own thread and loop: other test modules (the browser tests) may leave this
+    # thread's event loop running, as a notebook does.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        frame, many, generated = pool.submit(asyncio.run, run()).result(timeout=300)
     expected = client.analyze(QWEN, text=TEXT, temperature=0, seed=4).to_dict("records")
     assert frame.to_dict("records") == expected
     assert len(many) == 2 * len(frame)
