@@ -147,3 +147,27 @@ def wait_for(predicate: Callable[[], Any], *, timeout_s: float = 120, what: str 
             pytest.fail(f"timed out after {timeout_s}s waiting for {what or predicate}")
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
+
+
+# Rows of one request that shared a batched pass with others equal its lone run in every id
+# and string; floats only to float32 rounding (docs/LENS_FORMAT.md, "Sampling and seeds").
+ROW_FLOAT_TOLERANCE = 1e-5
+
+
+def assert_same_rows(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    """Assert two analyses agree: ids and strings exactly, floats within float32 rounding."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert set(a) == set(b), (a["position"], set(a) ^ set(b))
+        for key, value in b.items():
+            assert _close(a[key], value), (a["position"], key, a[key], value)
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(b, float) and isinstance(a, float):
+        return abs(a - b) <= ROW_FLOAT_TOLERANCE * max(1.0, abs(b))
+    if isinstance(b, list) and isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(b, dict) and isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in b)
+    return a == b

@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.deployments.conftest import assert_same_rows
+
 APP = "multiplex"
 PREFIX = "/multiplex"
 GROUP = "qwen2-tiny"
@@ -66,7 +68,7 @@ def test_concurrent_switches_give_the_single_request_answers(served, wait_until)
     with ThreadPoolExecutor(max_workers=CONCURRENT) as pool:
         answers = list(pool.map(lambda lens_id: analyze(served, lens_id), order))
     for lens_id, rows in zip(order, answers, strict=True):
-        assert rows == single[lens_id], lens_id
+        assert_same_rows(rows, single[lens_id])  # concurrent ones shared batched passes
     status = replica_status()
     assert len(status["lenses"]["device"]) <= 2, status["lenses"]
     assert sum(status["switches"].values()) == CONCURRENT + len(LENSES)

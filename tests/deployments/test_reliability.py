@@ -21,6 +21,8 @@ import httpx
 import pytest
 import yaml
 
+from tests.deployments.conftest import assert_same_rows
+
 APP = "reliability"
 PREFIX = "/reliability"
 GROUP = "qwen2-tiny"
@@ -220,8 +222,8 @@ def test_fifty_concurrent_first_requests_for_a_cold_lens_load_it_once(served, wa
         (r.status_code, r.text[:200]) for r in responses if r.status_code != 200
     ]
     results = [r.json() for r in responses]
-    for result in results[1:]:
-        assert result["rows"] == results[0]["rows"]
+    for result in results[1:]:  # several of them shared batched passes
+        assert_same_rows(result["rows"], results[0]["rows"])
     assert {r["meta"]["lens_id"] for r in results} == {COLD}
     status = replica_status()
     assert status["loads"][COLD] == 1
@@ -261,7 +263,9 @@ def test_a_preload_and_request_storm_loads_each_lens_once(served):
         ], resp.json()
     for lens_id in STORM:
         rows = [r.json()["rows"] for r in analyses if r.json()["meta"]["lens_id"] == lens_id]
-        assert len(rows) == 8 and all(row == rows[0] for row in rows), lens_id
+        assert len(rows) == 8, lens_id
+        for other in rows[1:]:  # concurrent: some shared batched passes
+            assert_same_rows(other, rows[0])
     loads = replica_status()["loads"]
     assert {lens_id: loads.get(lens_id) for lens_id in STORM} == dict.fromkeys(STORM, 1)
 

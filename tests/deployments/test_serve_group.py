@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.deployments.conftest import assert_same_rows
+
 APP = "replica-test"
 GROUP = "qwen2-tiny"
 ROUTE = "/replica-test"
@@ -176,7 +178,8 @@ def test_concurrent_requests_for_a_cold_lens_load_it_once(served):
     responses = [bound.analyze.remote(analyze_body()) for _ in range(12)]
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda r: r.result(timeout_s=120), responses))
-    assert all(r["rows"] == results[0]["rows"] for r in results)
+    for result in results[1:]:  # several of them shared batched passes
+        assert_same_rows(result["rows"], results[0]["rows"])
     assert status(handle)["loads"][COLD_TWIN] == 1
 
 
