@@ -18,13 +18,16 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import torch
+
+from deployments.config import GroupSpec
+from deployments.replica.failures import LoadFailures
+from deployments.replica.multiplex import DeviceSlots
 from deployments.replica.status import PrefetchCounts
-from lenscore import Lens, LensError, RawCheckpoint, load_lens
-
-if TYPE_CHECKING:
-    from deployments.replica.residency import LensResidency
+from deployments.replica.tiers import DonorCache, HostTier
+from lenscore import Base, Lens, LensError, RawCheckpoint, load_lens
 
 log = logging.getLogger("ray.serve")
 
@@ -119,6 +122,22 @@ class ReadAhead:
             self.acquiring -= 1
             if pending is not None:
                 self.leave(pending)
+
+
+class LensResidency(Protocol):
+    """What the prefetcher reads of the replica's residency (`replica/residency.py`).
+
+    A protocol, so this module sits below residency without importing it.
+    """
+
+    group: GroupSpec
+    base: Base
+    device: torch.device
+    slots: DeviceSlots
+    host: HostTier
+    donors: DonorCache
+    read_ahead: ReadAhead
+    failed: LoadFailures
 
 
 class Transitions:
