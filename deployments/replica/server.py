@@ -3,7 +3,9 @@
 Below the ingress on the data path: a request arrives through the group's handle with its
 lens id as Serve's multiplexed model id; `LensResidency` brings the lens onto the device,
 `Execution` runs lenscore off the event loop, and the replica publishes a `ReplicaStatus`
-to the registry after every change (DESIGN §Serving shape).
+to the registry after every change (DESIGN §Serving shape). A little over 400 lines: one
+method per request kind Serve calls, each a thin shell around residency, execution and the
+scheduler; the parts themselves live in those modules.
 """
 
 from __future__ import annotations
