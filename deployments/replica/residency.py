@@ -258,16 +258,19 @@ class LensResidency:
                 {"group_id": self.group.group_id},
             ) from exc
 
-    async def _make_room(self, need_bytes: int, *, strict: bool = True) -> None:
+    async def _make_room(
+        self, need_bytes: int, *, strict: bool = True, replica: ReplicaSpec | None = None
+    ) -> None:
         """Evict LRU lenses until base + donors + lenses + `need_bytes` fit the budget.
 
-        The caller holds the multiplex lock (a load, or `reconfigure`).
+        The caller holds the multiplex lock (a load, or `reconfigure`, which passes the
+        `replica` sizes it is about to apply).
 
         Raises:
             OutOfDeviceMemory: base and donors alone leave no room (only when `strict`).
 
         """
-        budget = self.replica.device_memory_budget_bytes
+        budget = (replica or self.replica).device_memory_budget_bytes
         if budget is None:
             return
         fixed = self.base_bytes + self.donors.nbytes
@@ -316,15 +319,19 @@ class LensResidency:
         self._on_change()
 
     async def reconfigure(self, replica: ReplicaSpec) -> None:
-        """Apply new cache sizes: shrink or grow the device LRU, host tier and donor cache."""
-        self.replica = replica
+        """Apply new cache sizes: shrink or grow the device LRU, host tier and donor cache.
+
+        The status reports the new sizes (`self.replica`) only once the caches fit them, so
+        a reader never sees a limit the replica is still evicting down to.
+        """
         await self.slots.resize(replica.max_lenses_per_replica)
         async with self.slots.locked():
-            await self._make_room(0, strict=False)
+            await self._make_room(0, strict=False, replica=replica)
         self.host.resize(replica.host_cache_bytes)
         self.prefetch.configure(replica.predictive_prefetch)
         self.donors.max_donors = replica.max_donors_per_replica
         self.donors.trim(self.donors.max_donors, pinned=self._pinned_donors())
+        self.replica = replica
 
     # -- live lens changes -----------------------------------------------------------------
 
