@@ -14,9 +14,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +39,8 @@ IDLE_SECONDS = 0.05
 # this, most likely first, at most this many per idle spell.
 MIN_SHARE = 0.2
 MAX_LENSES = 2
+# Reads at once: a few more than cores, as a read waits on the disk part of its time.
+READ_THREADS = min(8, (os.cpu_count() or 1) + 4)
 
 ReadLens = Callable[[str], tuple[Path, RawCheckpoint]]
 
@@ -57,10 +61,14 @@ class ReadAhead:
     A read runs in a thread and yields `(checkpoint, RawCheckpoint)` with the tensors in
     memory the process owns. The load under the lock claims it; a read nobody claims is
     dropped when its last waiter leaves (a cancelled request).
+
+    Reads run in their own threads: in the loop's default pool, a preload of many lenses
+    queued the device step of the first lens read behind the reads of all the others.
     """
 
-    def __init__(self, read: ReadLens) -> None:
+    def __init__(self, read: ReadLens, *, threads: int = READ_THREADS) -> None:
         self.read = read  # a seam: tests count or slow down reads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="lens-read")
         self.acquiring = 0  # requests between arriving and holding their lens
         self.started = 0  # reads started, for status and tests
         self._reads: dict[str, PendingRead] = {}
@@ -72,7 +80,7 @@ class ReadAhead:
         """Wait for the lens's read, starting it unless one is already running."""
         pending = self._reads.get(lens_id)
         if pending is None:
-            task = asyncio.ensure_future(asyncio.to_thread(self.read, lens_id))
+            task = asyncio.get_running_loop().run_in_executor(self._pool, self.read, lens_id)
             task.add_done_callback(_consume)
             pending = self._reads[lens_id] = PendingRead(lens_id, task)
             self.started += 1
