@@ -18,6 +18,10 @@ num_cpus, 1 by default), so one lens read uses one core, as in a replica.
 - **Packed file**: disk switch time (`meta.switch.seconds` of a preload, host tier off)
   divided by a raw read of the same lens (mmap the trainer file, copy each lens tensor),
   reading the packed file and reading the trainer file.
+- **What the machine allows**: the same reads in 2 threads vs 1 without the replica, and the
+  milliseconds per lens of copying its tensors into new memory vs memory touched before. A
+  read lands in new memory (page faults and zeroing, serialised in the kernel), so when the
+  second number is a fraction of the first, threads cannot bring the first down much.
 
     python bench/preload.py [--tree DIR] [--repeats 5] [--small]
 
@@ -171,6 +175,29 @@ def measure_ceiling(checkpoints: list[Path], repeats: int) -> float:
     return statistics.median(ratios)
 
 
+def measure_page_cost(checkpoints: list[Path], repeats: int) -> tuple[float, float]:
+    """Milliseconds per lens to copy its tensors off the file into new vs reused memory.
+
+    The gap is the cost of memory never touched before (page faults and zeroing), which a
+    read into new tensors pays and which does not shrink with more threads.
+    """
+    raws = [read_checkpoint(path) for path in checkpoints]
+    tensors = [[*raw.decoder.values(), *raw.encoder.values()] for raw in raws]
+    reused = [[t.clone() for t in lens] for lens in tensors]
+    fresh_ms, reused_ms = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        held = [[t.clone() for t in lens] for lens in tensors]
+        fresh_ms.append((time.perf_counter() - started) * 1e3 / len(raws))
+        del held
+        started = time.perf_counter()
+        for into, lens in zip(reused, tensors, strict=True):
+            for out, t in zip(into, lens, strict=True):
+                out.copy_(t)
+        reused_ms.append((time.perf_counter() - started) * 1e3 / len(raws))
+    return statistics.median(fresh_ms), statistics.median(reused_ms)
+
+
 async def measure_stepping(
     server: GroupServer, ids: list[str], sweeps: int, host_gb: float, prefetch: bool
 ) -> dict[str, Any]:
@@ -244,6 +271,7 @@ async def run(args: argparse.Namespace, tree: Path, work: Path) -> list[tuple[st
     preload = await measure_preload(server, ids, args.repeats)
     await clear(server)
     ceiling = measure_ceiling([group.lens(lens_id).checkpoint for lens_id in ids], args.repeats)
+    fresh_ms, reused_ms = measure_page_cost(files, args.repeats)
     host_gb = 3.5 * lens_bytes / GIB  # three lenses fit
     on = await measure_stepping(server, ids, args.sweeps, host_gb, prefetch=True)
     off = await measure_stepping(server, ids, args.sweeps, host_gb, prefetch=False)
@@ -262,6 +290,8 @@ async def run(args: argparse.Namespace, tree: Path, work: Path) -> list[tuple[st
          verdict(preload["ratio"] <= 0.6)),
         ("ceiling now: the same reads without the replica, 2 threads / 1 thread",
          f"{ceiling:.2f}", "-", "-"),
+        ("ms per lens to copy its tensors off the file: into new memory / into memory "
+         "touched before", f"{fresh_ms:.1f} / {reused_ms:.1f}", "-", "-"),
         (f"host-tier hit rate, stepping through {n} layers x {args.sweeps}, prefetch on",
          f"{on['hit_rate']:.0%} ({on['from_host']}/{on['misses']} misses; "
          f"{on['prefetch_hits']} prefetched; idle wait {on['settle_s'] * 1e3:.0f} ms)",
