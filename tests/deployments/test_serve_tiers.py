@@ -217,3 +217,25 @@ def test_a_cancelled_generation_stops_at_the_next_token(write_groups):
     asyncio.run(scenario())
     assert outcomes == ["cancelled"]
     assert server.execution.busy_threads == 0
+
+
+def test_status_shows_a_smaller_cache_only_once_the_lenses_fit_it(write_groups):
+    server = make_server(write_groups, max_lenses_per_replica=3)
+
+    async def scenario() -> list[tuple[int, int]]:
+        for lens_id in LENSES:
+            await server.ensure_lens(lens_id=lens_id)
+        shrink = asyncio.ensure_future(server.reconfigure({"max_lenses_per_replica": 1}))
+        seen = []
+        while not shrink.done():
+            snapshot = server.snapshot()
+            seen.append((snapshot.max_lenses_per_replica, len(snapshot.lenses.device)))
+            await asyncio.sleep(0)
+        await shrink
+        snapshot = server.snapshot()
+        return [*seen, (snapshot.max_lenses_per_replica, len(snapshot.lenses.device))]
+
+    seen = asyncio.run(scenario())
+    assert (3, 3) in seen  # the status was read while the evictions ran
+    assert seen[-1] == (1, 1)
+    assert all(device <= limit for limit, device in seen), seen
