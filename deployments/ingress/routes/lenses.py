@@ -47,6 +47,19 @@ def json_response(result: dict[str, Any]) -> Response:
     return Response(to_json(result, inf_nan_mode="null"), media_type="application/json")
 
 
+async def relay(request: Request, lens_id: str, body: Any, method: str) -> Response:
+    """Admit the request, call `method` on the lens's replica, answer its result as it is.
+
+    The replica's result is serialised once, without validating it again
+    (`json_response`); `meta.group_id` is filled in if the replica left it out.
+    """
+    state: IngressState = request.app.state.ingress
+    group_id = admit(state, lens_id, body, method)
+    result = await state.call(lens_id, method, body.replica_body())
+    result.setdefault("meta", {}).setdefault("group_id", group_id)
+    return json_response(result)
+
+
 @router.get("", response_model=LensList, summary="Every lens id and where it is served")
 async def list_lenses(request: Request) -> LensList:
     """Every lens of every group, with sizes and residency."""
@@ -94,14 +107,12 @@ async def analyze(
     stream: bool = Query(False, description="Stream NDJSON progress, meta and rows."),
 ) -> Any:
     """One row per token (LENS_FORMAT §Result row); `stream=true` streams NDJSON events."""
-    state: IngressState = request.app.state.ingress
-    group_id = admit(state, lens_id, body, "analyze")
     if stream or body.stream:
+        state: IngressState = request.app.state.ingress
+        admit(state, lens_id, body, "analyze")
         first, events = await open_analysis(state, lens_id, body)
         return StreamingResponse(ndjson_lines(first, events), media_type=NDJSON_MEDIA_TYPE)
-    result = await state.call(lens_id, "analyze", body.replica_body())
-    result["meta"].setdefault("group_id", group_id)
-    return json_response(result)
+    return await relay(request, lens_id, body, "analyze")
 
 
 @router.post(
@@ -113,11 +124,7 @@ async def analyze(
 )
 async def generate(lens_id: str, body: GenerateRequest, request: Request) -> Any:
     """Continuations of `text` / `messages` from the base (or the lens's donor)."""
-    state: IngressState = request.app.state.ingress
-    group_id = admit(state, lens_id, body, "generate")
-    result = await state.call(lens_id, "generate", body.replica_body())
-    result.setdefault("meta", {}).setdefault("group_id", group_id)
-    return json_response(result)
+    return await relay(request, lens_id, body, "generate")
 
 
 @router.post(
@@ -129,8 +136,4 @@ async def generate(lens_id: str, body: GenerateRequest, request: Request) -> Any
 )
 async def send_message(lens_id: str, body: SendMessageRequest, request: Request) -> Any:
     """Render `messages` with the chat template and reply until the end-of-turn marker."""
-    state: IngressState = request.app.state.ingress
-    group_id = admit(state, lens_id, body, "send_message")
-    result = await state.call(lens_id, "send_message", body.replica_body())
-    result.setdefault("meta", {}).setdefault("group_id", group_id)
-    return json_response(result)
+    return await relay(request, lens_id, body, "send_message")
