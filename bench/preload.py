@@ -125,10 +125,20 @@ def drop_from_page_cache(paths: list[Path]) -> None:
 
 
 async def measure_preload(
-    server: GroupServer, ids: list[str], repeats: int, cold: list[Path] | None = None
+    server: GroupServer,
+    ids: list[str],
+    repeats: int,
+    cold: list[Path] | None = None,
+    packed: Path | None = None,
 ) -> dict[str, Any]:
-    """Median of (parallel preload wall time / serial sum); `cold`: drop these files first."""
-    config = {"max_lenses_per_replica": len(ids)}
+    """Median of (parallel preload wall time / serial sum).
+
+    `cold`: drop these files from the page cache first; `packed`: the replica's
+    `packed_cache_dir` (None: trainer files).
+    """
+    config: dict[str, Any] = {"max_lenses_per_replica": len(ids)}
+    if packed is not None:
+        config["packed_cache_dir"] = str(packed)
     ratios, parallel, serial = [], [], []
     for _ in range(repeats):
         # Serial: the same group preloaded one lens at a time, each staying loaded, so both
@@ -265,7 +275,12 @@ async def run(args: argparse.Namespace, tree: Path, work: Path) -> list[tuple[st
     await server.ensure_lens(lens_id=ids[0])
     lens_bytes = server.snapshot().lens_bytes[ids[0]]
     files = [list_checkpoints(group.lens(lens_id).checkpoint)[0] for lens_id in ids]
+    cache = work / "packed"
+    packed_files = [pack_checkpoint(group.lens(lens_id).checkpoint, cache).tensors_path
+                    for lens_id in ids]  # fmt: skip
     cold = await measure_preload(server, ids, args.repeats, cold=files)
+    cold_packed = await measure_preload(server, ids, args.repeats, cold=packed_files,
+                                        packed=cache)  # fmt: skip
     for lens_id in ids:  # back into the page cache for what follows
         raw_read_seconds(group.lens(lens_id).checkpoint)
     preload = await measure_preload(server, ids, args.repeats)
@@ -275,9 +290,6 @@ async def run(args: argparse.Namespace, tree: Path, work: Path) -> list[tuple[st
     host_gb = 3.5 * lens_bytes / GIB  # three lenses fit
     on = await measure_stepping(server, ids, args.sweeps, host_gb, prefetch=True)
     off = await measure_stepping(server, ids, args.sweeps, host_gb, prefetch=False)
-    cache = work / "packed"
-    for lens_id in ids[:2]:
-        pack_checkpoint(group.lens(lens_id).checkpoint, cache)
     trainer = await measure_disk(server, group, ids, None, args.repeats)
     packed = await measure_disk(server, group, ids, cache, args.repeats)
     mb = lens_bytes / 1024**2
@@ -286,6 +298,8 @@ async def run(args: argparse.Namespace, tree: Path, work: Path) -> list[tuple[st
         (f"preload of {n} lenses ({mb:.1f} MB each) from disk (files dropped from the page "
          "cache): parallel wall / serial sum", preload_text(cold), "<= 0.6",
          verdict(cold["ratio"] <= 0.6)),
+        ("same, packed files (`lens-serve pack`) dropped from the page cache",
+         preload_text(cold_packed), "<= 0.6", verdict(cold_packed["ratio"] <= 0.6)),
         ("same, files in the page cache (CPU-bound)", preload_text(preload), "<= 0.6",
          verdict(preload["ratio"] <= 0.6)),
         ("ceiling now: the same reads without the replica, 2 threads / 1 thread",
