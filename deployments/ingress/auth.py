@@ -15,10 +15,12 @@ from urllib.parse import urlsplit
 from fastapi import WebSocketException, status
 from starlette.requests import HTTPConnection
 
-from deployments.ingress.errors import RateLimited, Unauthorized
+from deployments.ingress.errors import OriginNotAllowed, RateLimited, Unauthorized
 
 # Identities kept by the rate limiter before idle ones are dropped (bounds its memory).
 MAX_TRACKED_CLIENTS = 10_000
+# Methods a cross-site page may send freely: they must not change anything.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class RateLimiter:
@@ -101,12 +103,15 @@ def client_identity(connection: HTTPConnection, key: str | None) -> str:
 
 
 def is_allowed_origin(connection: HTTPConnection, guard: Guard) -> bool:
-    """Tell whether a WebSocket upgrade may proceed from where it says it comes from.
+    """Tell whether a WebSocket upgrade or a state-changing request may come from its origin.
 
     Browsers send `Origin` on every WebSocket upgrade and, unlike `fetch`, apply no CORS
     check to it: any page a researcher opens could otherwise drive their local server
-    (cross-site WebSocket hijacking). Allowed: no `Origin` (not a browser), the server's own
-    origin (the page it serves), and the configured `cors_origins`.
+    (cross-site WebSocket hijacking). The same holds for a "simple" cross-site POST (a form,
+    or `fetch` with `text/plain` or no body): the browser sends it without a preflight and
+    only hides the answer, so `POST /reset` or a preload would still run. Allowed: no
+    `Origin` (not a browser), the server's own origin (the page it serves), and the
+    configured `cors_origins`.
     """
     origin = connection.headers.get("origin")
     if origin is None:
@@ -137,12 +142,21 @@ def check_access(connection: HTTPConnection, guard: Guard) -> None:
 
 
 async def require_api_key(connection: HTTPConnection) -> None:
-    """FastAPI dependency on every router but health: API key and rate limit.
+    """FastAPI dependency on every router but health: Origin, API key and rate limit.
 
-    A refused WebSocket upgrade is closed with 1008 (policy violation) before it is accepted.
+    A refused WebSocket upgrade is closed with 1008 (policy violation) before it is accepted;
+    a refused HTTP request that changes state answers 403 `origin_not_allowed`.
     """
     guard: Guard = connection.app.state.guard
     if connection.scope.get("type") != "websocket":
+        if connection.scope.get("method") not in SAFE_METHODS and not is_allowed_origin(
+            connection, guard
+        ):
+            raise OriginNotAllowed(
+                f"requests that change state are not accepted from pages of "
+                f"{connection.headers.get('origin')}; list it in cors_origins to allow it",
+                {"origin": connection.headers.get("origin")},
+            )
         check_access(connection, guard)
         return
     if not is_allowed_origin(connection, guard):

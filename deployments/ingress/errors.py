@@ -40,6 +40,7 @@ logger = logging.getLogger("ray.serve")
 STATUS: dict[str, int] = {
     "malformed_json": 400,
     "unauthorized": 401,
+    "origin_not_allowed": 403,
     "not_found": 404,
     "unknown_lens": 404,
     "unknown_group": 404,
@@ -121,6 +122,12 @@ class Unauthorized(ApiError):
     """Missing or wrong API key."""
 
     code = "unauthorized"
+
+
+class OriginNotAllowed(ApiError):
+    """A browser sent a state-changing request from a page of another site."""
+
+    code = "origin_not_allowed"
 
 
 class RateLimited(ApiError):

@@ -726,6 +726,24 @@ def test_websocket_from_another_site_is_refused(api: httpx.Client, ray_cluster: 
         assert json.loads(socket.recv(timeout=60))["error"]["code"] == "unknown_lens"
 
 
+def test_a_cross_site_page_cannot_change_state_without_a_preflight(
+    api: httpx.Client, secure: httpx.Client, ray_cluster: Any
+) -> None:
+    # A form or a text/plain fetch needs no preflight: the browser sends it and only hides
+    # the answer. Without the Origin check these would cancel jobs or load a whole group.
+    evil = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+    for path in ("/reset", "/api/v2/groups/qwen2-tiny/preload"):
+        error = _error(api.post(path, headers=evil), 403, "origin_not_allowed")
+        assert error["detail"] == {"origin": "http://evil.example"}
+    _error(api.delete("/api/v2/jobs/abc", headers=evil), 403, "origin_not_allowed")
+    assert api.get("/api/v2/groups", headers=evil).status_code == 200  # reads pass
+    # The server's own page, clients that send no Origin, and a listed origin may.
+    assert api.post("/reset", headers={"Origin": ray_cluster.http_url}).status_code == 200
+    assert api.post("/reset").status_code == 200
+    listed = {"Origin": ALLOWED_ORIGIN, "Authorization": f"Bearer {API_KEY}"}
+    assert secure.post("/reset", headers=listed).status_code == 200
+
+
 def test_a_chunked_body_over_the_limit_is_413(api: httpx.Client) -> None:
     chunk = b" " * 65536
 
