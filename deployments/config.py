@@ -373,6 +373,11 @@ class AppArgs(_Edge):
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed by CORS; empty: none."
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names (besides IP addresses and localhost) that requests may be "
+        "addressed to while API keys are off, against DNS rebinding; ['*']: any.",
+    )
     api_keys_file: Path | None = Field(
         None, description="File with one API key per line; keys are also read from the env."
     )

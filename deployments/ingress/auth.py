@@ -7,6 +7,7 @@ empty set turns auth off. Keys are compared in constant time and never logged.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -121,6 +122,35 @@ def is_allowed_origin(connection: HTTPConnection, guard: Guard) -> bool:
         return True
     host = connection.headers.get("host", "")
     return urlsplit(origin).netloc.lower() == host.lower() and host != ""
+
+
+def is_allowed_host(host_header: str | None, allowed_hosts: Iterable[str]) -> bool:
+    """Tell whether a request addressed to `host_header` may reach a server without keys.
+
+    DNS rebinding: a page of `evil.example` has its name re-pointed at 127.0.0.1, and the
+    browser then treats the local server as that page's own origin (Origin and Host agree,
+    CORS lets it read every answer). Its requests still name `evil.example` in `Host`, so
+    only IP addresses, `localhost` (and `*.localhost`, which browsers keep on loopback) and
+    the operator's `allowed_hosts` pass. No `Host` (HTTP/1.0, not a browser) passes too.
+    """
+    if not host_header:
+        return True
+    allowed = {host.lower() for host in allowed_hosts}
+    if "*" in allowed:
+        return True
+    if any(c in host_header for c in "@/\\?#"):
+        return False  # not a host[:port] a browser would send
+    try:
+        name = urlsplit(f"//{host_header}").hostname or ""
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return False
+    if name == "localhost" or name.endswith(".localhost") or name in allowed:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def check_access(connection: HTTPConnection, guard: Guard) -> None:

@@ -41,6 +41,7 @@ STATUS: dict[str, int] = {
     "malformed_json": 400,
     "unauthorized": 401,
     "origin_not_allowed": 403,
+    "host_not_allowed": 403,
     "not_found": 404,
     "unknown_lens": 404,
     "unknown_group": 404,
@@ -128,6 +129,12 @@ class OriginNotAllowed(ApiError):
     """A browser sent a state-changing request from a page of another site."""
 
     code = "origin_not_allowed"
+
+
+class HostNotAllowed(ApiError):
+    """A request addressed to a host name that is not allowed while API keys are off."""
+
+    code = "host_not_allowed"
 
 
 class RateLimited(ApiError):

@@ -11,7 +11,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from deployments.ingress.errors import error_response
+from deployments.ingress.auth import Guard, is_allowed_host
+from deployments.ingress.errors import HostNotAllowed, error_response
 from deployments.ingress.state import IngressState
 from lenscore import TextTooLong
 
@@ -118,6 +119,40 @@ def _replay(messages: list[dict], receive: Any) -> Any:
         return await receive()
 
     return replayed
+
+
+class HostCheck:
+    """While API keys are off, refuse requests addressed to host names not allowed.
+
+    Against DNS rebinding (`auth.is_allowed_host`): HTTP gets 403 `host_not_allowed`, a
+    WebSocket upgrade is closed with 1008 before it is accepted. With keys on, a rebound
+    page has no key to send, so every host passes.
+    """
+
+    def __init__(self, app: Any, guard: Guard, allowed_hosts: list[str]) -> None:
+        self.app = app
+        self.guard = guard
+        self.allowed_hosts = allowed_hosts
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        """Pass the request on, or refuse it."""
+        if scope["type"] not in ("http", "websocket") or self.guard.is_enabled:
+            await self.app(scope, receive, send)
+            return
+        host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        if is_allowed_host(host, self.allowed_hosts):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": "host_not_allowed"})
+            return
+        refused = HostNotAllowed(
+            f"requests to host {host!r} are not served while API keys are off (DNS "
+            "rebinding); open lens-serve by IP address or localhost, or list the name in "
+            "allowed_hosts",
+            {"host": host},
+        )
+        await error_response(refused)(scope, receive, send)
 
 
 def add_cors(app: FastAPI, origins: list[str]) -> None:

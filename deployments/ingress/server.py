@@ -26,6 +26,7 @@ from deployments.ingress.jobs import JobRunner
 from deployments.ingress.legacy import routers as legacy_routers
 from deployments.ingress.middleware import (
     BodySizeLimit,
+    HostCheck,
     RequestMetricsMiddleware,
     add_cors,
     max_body_bytes,
@@ -76,9 +77,11 @@ def build_fastapi_app(state: IngressState, guard: Guard) -> FastAPI:
         app.include_router(docs.keyed_docs_router(app))
     # The page's scripts and styles: static files only, no data, so no key (like `/`).
     app.mount("/static", StaticFiles(directory=health.FRONTEND_DIR), name="static")
-    # Starlette runs the last added middleware first: metrics, then CORS, then the size limit.
+    # Starlette runs the last added middleware first: metrics, the host check, CORS, then the
+    # size limit.
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes(state.args.max_text_length))
     add_cors(app, state.args.cors_origins)
+    app.add_middleware(HostCheck, guard=guard, allowed_hosts=state.args.allowed_hosts)
     app.add_middleware(RequestMetricsMiddleware, state=state)
     return app
 

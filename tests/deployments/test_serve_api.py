@@ -744,6 +744,30 @@ def test_a_cross_site_page_cannot_change_state_without_a_preflight(
     assert secure.post("/reset", headers=listed).status_code == 200
 
 
+def test_without_keys_a_rebound_host_name_is_refused(
+    api: httpx.Client, secure: httpx.Client, ray_cluster: Any
+) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    # DNS rebinding: the page's own name now points here, so Origin and Host agree.
+    rebound = {"Host": "evil.example:8000", "Origin": "http://evil.example:8000"}
+    error = _error(api.get("/api/v2/groups", headers=rebound), 403, "host_not_allowed")
+    assert error["detail"] == {"host": "evil.example:8000"}
+    _error(api.post("/reset", headers=rebound), 403, "host_not_allowed")
+    _error(api.get("/", headers=rebound), 403, "host_not_allowed")
+    url = ray_cluster.http_url.replace("http://", "ws://") + "/api/v2/ws"
+    with pytest.raises(InvalidStatus) as refused:  # no Origin: only the host check refuses
+        with connect(url, additional_headers={"Host": "evil.example:8000"}, open_timeout=30):
+            pass
+    assert refused.value.response.status_code == 403
+    for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
+        assert api.get("/api/v2/groups", headers={"Host": host}).status_code == 200, host
+    # With keys on, a rebound page has no key to send: every host name passes the check.
+    keyed = {"Host": "lens.example.org", "Authorization": f"Bearer {API_KEY}"}
+    assert secure.get("/api/v2/groups", headers=keyed).status_code == 200
+
+
 def test_a_chunked_body_over_the_limit_is_413(api: httpx.Client) -> None:
     chunk = b" " * 65536
 
