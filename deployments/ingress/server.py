@@ -28,6 +28,7 @@ from deployments.ingress.middleware import (
     BodySizeLimit,
     HostCheck,
     RequestMetricsMiddleware,
+    SecurityHeaders,
     add_cors,
     max_body_bytes,
 )
@@ -77,11 +78,12 @@ def build_fastapi_app(state: IngressState, guard: Guard) -> FastAPI:
         app.include_router(docs.keyed_docs_router(app))
     # The page's scripts and styles: static files only, no data, so no key (like `/`).
     app.mount("/static", StaticFiles(directory=health.FRONTEND_DIR), name="static")
-    # Starlette runs the last added middleware first: metrics, the host check, CORS, then the
-    # size limit.
+    # Starlette runs the last added middleware first: metrics, security headers, the host
+    # check, CORS, then the size limit.
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes(state.args.max_text_length))
     add_cors(app, state.args.cors_origins)
     app.add_middleware(HostCheck, guard=guard, allowed_hosts=state.args.allowed_hosts)
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestMetricsMiddleware, state=state)
     return app
 

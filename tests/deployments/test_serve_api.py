@@ -768,6 +768,22 @@ def test_without_keys_a_rebound_host_name_is_refused(
     assert secure.get("/api/v2/groups", headers=keyed).status_code == 200
 
 
+def test_the_page_may_not_be_framed_and_runs_only_its_own_scripts(api: httpx.Client) -> None:
+    page = api.get("/")
+    assert page.status_code == 200
+    policy = dict(
+        directive.strip().split(" ", 1)
+        for directive in page.headers["content-security-policy"].split(";")
+    )
+    assert policy["frame-ancestors"] == "'none'"
+    assert policy["script-src"].startswith("'self' 'sha256-")  # the page's one inline script
+    assert "unsafe-inline" not in policy["script-src"]
+    for resp in (page, api.get("/api/v2/groups"), api.get("/nope")):
+        assert resp.headers["x-frame-options"] == "DENY"
+        assert resp.headers["x-content-type-options"] == "nosniff"
+        assert resp.headers["referrer-policy"] == "no-referrer"
+
+
 def test_a_chunked_body_over_the_limit_is_413(api: httpx.Client) -> None:
     chunk = b" " * 65536
 

@@ -82,10 +82,14 @@ def app(page: Page, served: SimpleNamespace) -> Page:
     """The page, loaded, with its groups listed."""
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # The page's Content-Security-Policy must let everything the page does through.
+    page.on(
+        "console", lambda msg: "Content Security Policy" in msg.text and errors.append(msg.text)
+    )
     page.goto(served.url)
     expect(page.get_by_test_id("group")).to_have_count(3)
     yield page
-    assert not errors, errors  # no uncaught exception in the page's scripts
+    assert not errors, errors  # no uncaught exception, no CSP refusal in the page
 
 
 def lens(page: Page, lens_id: str) -> Locator:
