@@ -29,6 +29,7 @@ from ray.serve.exceptions import RayServeException
 from deployments.config import GroupSpec, ReplicaConfig
 from deployments.group_files import file_stamp, reread_group
 from deployments.ops.metrics import ReplicaMetrics
+from deployments.redact import redact_text
 from deployments.replica.activations import ActivationCache
 from deployments.replica.execution import Execution, drain
 from deployments.replica.memory import read_memory
@@ -115,7 +116,7 @@ class GroupServer:
             started = time.perf_counter()
             result = await self._run_analysis(resident, body, options, stop)
         self.metrics.record_analysis(time.perf_counter() - started, len(result["rows"]))
-        result["meta"].update(self._public_meta(resident.lens_id), switch=switch.as_dict())
+        result["meta"].update(self._public_meta(resident), switch=switch.as_dict())
         return result
 
     async def analyze_stream(
@@ -146,7 +147,7 @@ class GroupServer:
         finally:
             stop.set()
         self.metrics.record_analysis(time.perf_counter() - started, len(result["rows"]))
-        meta = {**result["meta"], **self._public_meta(resident.lens_id),
+        meta = {**result["meta"], **self._public_meta(resident),
                 "switch": switch.as_dict(), "finished_at": finished_at}  # fmt: skip
         yield {"event": "meta", "meta": meta}
         for row in result["rows"]:
@@ -173,7 +174,7 @@ class GroupServer:
             result = await self.execution.run_with_oom_retry(
                 resident, work, work, stop, advice="retry later or with fewer continuations"
             )
-        result["meta"].update(self._public_meta(resident.lens_id), switch=switch.as_dict())
+        result["meta"].update(self._public_meta(resident), switch=switch.as_dict())
         return result
 
     async def send_message(self, body: dict[str, Any], *, lens_id: str | None = None) -> dict:
@@ -386,11 +387,13 @@ class GroupServer:
     def _ids(self) -> dict[str, str]:
         return {"group_id": self.group.group_id, "replica_id": self.replica_id}
 
-    def _public_meta(self, lens_id: str) -> dict[str, Any]:
-        # lenscore names the base and donor by path; clients see the base's directory name
-        # and the donor's id from the group file.
+    def _public_meta(self, resident: ResidentLens) -> dict[str, Any]:
+        # lenscore names the base, donor and checkpoint by path; clients see the base's
+        # directory name, the donor's id from the group file and `run/checkpoint_...pt`.
+        checkpoint = redact_text(str(resident.lens.checkpoint_path), self.residency.paths)
         return {**self._ids(), "base_model": self.group.base_model.name,
-                "donor": self.group.lens(lens_id).donor}  # fmt: skip
+                "donor": self.group.lens(resident.lens_id).donor,
+                "checkpoint": checkpoint}  # fmt: skip
 
     def _log_event(self, event: str, lens_id: str | None, **fields: Any) -> None:
         record = {"event": event, **self._ids(), "lens_id": lens_id, **fields}

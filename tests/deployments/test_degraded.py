@@ -130,9 +130,9 @@ def test_bad_lenses_answer_409_and_a_broken_group_503(served):
     assert "Retry-After" in response.headers
 
 
-def test_no_response_shows_a_server_path(served):
+def test_no_response_shows_a_server_path(served, demo_dir):
     client = served["client"]
-    work = str(served["work"])
+    server_dirs = [str(served["work"]), str(demo_dir)]  # group files; bases and checkpoints
     answers = [
         client.get("/api/v2/groups"),
         client.get("/api/v2/lenses"),
@@ -142,9 +142,12 @@ def test_no_response_shows_a_server_path(served):
         client.post(f"/api/v2/lenses/{GOOD}/analyze", json=BODY),
     ]
     for answer in answers:
-        assert work not in answer.text, (answer.url, answer.text[:500])
+        for server_dir in server_dirs:
+            assert server_dir not in answer.text, (answer.url, answer.text[:500])
     meta = answers[-1].json()["meta"]
     assert "/" not in json.dumps([meta["base_model"], meta.get("donor")])
+    run, file = meta["checkpoint"].split("/")  # the run directory and file, nothing above
+    assert file.startswith("checkpoint_step") and run
 
 
 def test_a_fixed_checkpoint_serves_without_a_restart(served, demo_dir, demo_manifest, wait_until):
